@@ -1,0 +1,60 @@
+"""em-interp: mechanistic interpretability of emergent misalignment.
+
+Load a model organism and its base into TransformerLens, then analyse them with native hook
+points. Importing this package has no side effects (no patching, no downloads).
+
+    >>> import em_interp
+    >>> em_interp.list_cards()                                  # doctest: +SKIP
+    >>> lm = em_interp.load("smollm2-135m-instruct")            # doctest: +SKIP
+    >>> toks = lm.chat_tokens("What is a bond?")                # doctest: +SKIP
+"""
+
+from em_interp.cards import Card, get_card, list_cards, read_card
+from em_interp.errors import (
+    AdapterMismatchError,
+    CardError,
+    ChecksumError,
+    DeviceError,
+    EMInterpError,
+    HookNameError,
+    UnknownCardError,
+    VariantError,
+    WeightsUnavailableError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {"Loaded": "loading", "Pair": "loading", "load": "loading", "load_pair": "loading",
+         "ChatTokens": "chat", "chat_tokens": "chat"}
+
+
+def __getattr__(name: str):
+    # torch and TransformerLens take seconds to import; defer it until a model is actually loaded, so
+    # card look-ups and their errors stay instant.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"em_interp.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'em_interp' has no attribute {name!r}")
+
+__all__ = [
+    "AdapterMismatchError",
+    "Card",
+    "CardError",
+    "ChatTokens",
+    "ChecksumError",
+    "DeviceError",
+    "EMInterpError",
+    "HookNameError",
+    "Loaded",
+    "Pair",
+    "UnknownCardError",
+    "VariantError",
+    "WeightsUnavailableError",
+    "chat_tokens",
+    "get_card",
+    "list_cards",
+    "load",
+    "load_pair",
+    "read_card",
+]

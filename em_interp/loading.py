@@ -1,0 +1,412 @@
+"""``load`` and ``load_pair``: a card (or folder) -> ``HookedTransformer`` + tokenizer.
+
+Data flow: card -> weight folders (:mod:`em_interp.sources`) -> HF model (LoRA merged with
+``safe_merge``) -> TL model (:mod:`em_interp.hooked`) placed on devices
+(:mod:`em_interp.placement`).
+
+By default no weight processing is applied, so TL's logits equal HF's; ``fold_ln`` and the
+centering flags opt in to TL's processing. Layers are 0-indexed as in TL everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from em_interp.cards import Architecture, Card, Organism, Source, get_card
+from em_interp.chat import ChatTokens, PromptLike, chat_tokens
+from em_interp.errors import (
+    AdapterMismatchError,
+    CardError,
+    UnknownCardError,
+    VariantError,
+    WeightsUnavailableError,
+)
+from em_interp.hooked import hooked_from_hf
+from em_interp.placement import check_devices, hf_device_map
+from em_interp.sources import is_hf_folder, resolve_source
+
+log = logging.getLogger(__name__)
+
+Variant = Literal["base", "organism"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Loaded:
+    """A loaded model: the TL model, its HF tokenizer, and where it came from."""
+
+    model: HookedTransformer
+    tokenizer: object
+    card: Card
+    variant: str
+    weights_dir: Path
+    """The folder the (full) weights were read from."""
+    adapter_dirs: tuple[Path, ...] = ()
+    """PEFT adapters merged on top, in order."""
+
+    def chat_tokens(self, prompts: PromptLike | list[PromptLike], *, system: str | None = None,
+                    add_generation_prompt: bool = True) -> ChatTokens:
+        """Chat-template ``prompts`` once (no double BOS), left-padded, on the model's device."""
+        return chat_tokens(self.tokenizer, prompts, system=system,
+                           add_generation_prompt=add_generation_prompt, device=self.model.cfg.device)
+
+    def __repr__(self) -> str:
+        c = self.model.cfg
+        return (f"Loaded(card={self.card.name!r}, variant={self.variant!r}, n_layers={c.n_layers}, "
+                f"d_model={c.d_model}, dtype={c.dtype}, device={c.device}, n_devices={c.n_devices})")
+
+
+@dataclass
+class Pair:
+    """Base model and organism, loaded together (see :func:`load_pair`)."""
+
+    base: Loaded
+    organism: Loaded
+
+
+# ------------------------------------------------------------------ cards for plain folders
+
+
+def _architecture_of(config: dict, where: str) -> Architecture:
+    try:
+        return Architecture(
+            hf_class=config["architectures"][0],
+            n_layers=config["num_hidden_layers"],
+            d_model=config["hidden_size"],
+            n_heads=config["num_attention_heads"],
+            n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+            d_mlp=config["intermediate_size"],
+        )
+    except (KeyError, IndexError, TypeError) as e:
+        raise CardError(f"{where}: config.json lacks {e}; is this a decoder-only causal LM?") from None
+
+
+def card_for_folder(path: Path) -> Card:
+    """A card for a local HF model folder, or for a PEFT adapter folder and its declared base."""
+    path = path.resolve()
+    if (path / "adapter_config.json").is_file():
+        acfg = json.loads((path / "adapter_config.json").read_text())
+        base_id = acfg.get("base_model_name_or_path")
+        if not base_id:
+            raise AdapterMismatchError(
+                f"adapter {str(path)!r} does not name its base model; load the base card and "
+                "pass adapter=... instead."
+            )
+        try:
+            base_card = get_card(base_id)
+            return replace(base_card, organism=Organism(kind="lora", source=Source(
+                kind="local", path=str(path))), chat_template="base", path=None)
+        except UnknownCardError:
+            pass
+        base_src = (Source(kind="local", path=base_id) if Path(base_id).expanduser().is_dir()
+                    else Source(kind="hub", repo_id=base_id))
+        base_cfg_dir = resolve_source(base_src)
+        arch = _architecture_of(json.loads((base_cfg_dir / "config.json").read_text()),
+                                str(base_cfg_dir))
+        return Card(name=path.name, description=f"adapter folder {path}", architecture=arch,
+                    base=base_src, organism=Organism(kind="lora", source=Source(
+                        kind="local", path=str(path))))
+    cfg = json.loads((path / "config.json").read_text())
+    return Card(name=path.name, description=f"local folder {path}",
+                architecture=_architecture_of(cfg, str(path)),
+                base=Source(kind="local", path=str(path)))
+
+
+def resolve_card(name_or_path: str | Path | Card) -> Card:
+    """A :class:`Card` from a card, a card name, a card file, or a local HF folder."""
+    if isinstance(name_or_path, Card):
+        return name_or_path
+    p = Path(str(name_or_path)).expanduser()
+    if p.is_dir():
+        if not is_hf_folder(p):
+            raise WeightsUnavailableError(
+                f"folder {str(p)!r} has neither config.json nor adapter_config.json, so it is no "
+                "HF model or adapter folder."
+            )
+        return card_for_folder(p)
+    return get_card(name_or_path)
+
+
+# ------------------------------------------------------------------ HF loading helpers
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {list(_DTYPES)} or a torch.dtype, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _check_architecture(card: Card, config) -> None:
+    want = card.architecture
+    got = {
+        "hf_class": (config.architectures or ["?"])[0],
+        "n_layers": config.num_hidden_layers,
+        "d_model": config.hidden_size,
+        "n_heads": config.num_attention_heads,
+        "n_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        "d_mlp": config.intermediate_size,
+    }
+    for field_name, value in got.items():
+        if getattr(want, field_name) != value:
+            raise CardError(
+                f"card {card.name!r} says [architecture].{field_name} = "
+                f"{getattr(want, field_name)!r}, but the weights' config.json has {value!r}. "
+                "Fix the card, or check that the source points at the intended model."
+            )
+
+
+def _load_hf(folder: Path, dtype: torch.dtype, devices: list[torch.device],
+             trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    if not any(folder.glob("*.safetensors")):
+        raise WeightsUnavailableError(
+            f"{str(folder)!r} holds no *.safetensors weights. em-interp loads only safetensors "
+            "(pickled checkpoints can run code); convert the checkpoint with "
+            "`save_pretrained(..., safe_serialization=True)`."
+        )
+    kwargs: dict = {"dtype": dtype}
+    if devices[0].type == "cuda":
+        kwargs["device_map"] = ({"": str(devices[0])} if len(devices) == 1 else
+                                hf_device_map(_n_layers(folder), len(devices),
+                                              devices[0].index or 0))
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    return AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, **kwargs).eval()
+
+
+def _n_layers(folder: Path) -> int:
+    return json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+
+
+def _names_of(src: Source, card: Card, base_dir: Path) -> set[str]:
+    names = {card.name, str(base_dir), base_dir.name}
+    names.update(x for x in (src.repo_id, src.hub_id, src.path) if x)
+    names.update(src.aliases)
+    return names
+
+
+def check_adapter_base(adapter_dir: Path, card: Card, base_dir: Path) -> None:
+    """Raise :class:`AdapterMismatchError` when the adapter was trained on another base."""
+    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    declared = acfg.get("base_model_name_or_path")
+    if not declared:
+        log.warning("adapter %s does not name its base model; assuming %s", adapter_dir, card.name)
+        return
+    accepted = _names_of(card.base, card, base_dir)
+    norm = {a.rstrip("/").lower() for a in accepted}
+    tails = {Path(a.rstrip("/")).name.lower() for a in accepted}
+    d = declared.rstrip("/").lower()
+    if d in norm or Path(d).name in tails:
+        return
+    raise AdapterMismatchError(
+        f"adapter {str(adapter_dir)!r} was trained on {declared!r}, but it is being applied to "
+        f"card {card.name!r} whose base is {card.base.describe()} (also known as "
+        f"{sorted(card.base.aliases) or 'no aliases'}). Load the adapter on its own base, or, if "
+        "the two are the same weights under another name, add that name to the card's "
+        "[base].aliases."
+    )
+
+
+def _merge_adapter(hf_model, adapter_dir: Path):
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(hf_model, str(adapter_dir))
+    except RuntimeError as e:
+        if "size mismatch" in str(e):
+            raise AdapterMismatchError(
+                f"adapter {str(adapter_dir)!r} has weight shapes that do not fit this base "
+                f"model: {str(e)[:300]}"
+            ) from None
+        raise
+    # safe_merge writes merged weights into new tensors, so untouched tensors can stay shared.
+    return peft_model.merge_and_unload(safe_merge=True)
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _devices(card: Card, device, n_devices: int | None) -> list[torch.device]:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if n_devices is None:
+        n_devices = card.n_devices if device.type == "cuda" else 1
+    return check_devices(device, n_devices)
+
+
+# ------------------------------------------------------------------ public API
+
+
+def _resolve_variant(card: Card, variant: str | None) -> str:
+    if variant is None:
+        return "organism" if card.organism else "base"
+    if variant not in ("base", "organism"):
+        raise VariantError(f"variant must be 'base' or 'organism', got {variant!r}.")
+    if variant == "organism" and card.organism is None:
+        raise VariantError(
+            f"card {card.name!r} defines no organism, only {list(card.variants)}; "
+            "load it with variant='base'."
+        )
+    return variant
+
+
+@dataclass
+class _Plan:
+    card: Card
+    variant: str
+    base_dir: Path
+    organism_dir: Path | None
+    organism_is_lora: bool
+    adapters: tuple[Path, ...]
+
+
+def _plan(card: Card, variant: str, base_path, organism_path, adapter, progress: bool) -> _Plan:
+    base_dir = Path(base_path).expanduser() if base_path else resolve_source(
+        card.base, card=card, role="base", progress=progress)
+    organism_dir, is_lora = None, False
+    if variant == "organism":
+        assert card.organism is not None
+        organism_dir = Path(organism_path).expanduser() if organism_path else resolve_source(
+            card.organism.source, card=card, role="organism", base_dir=base_dir,
+            progress=progress)
+        is_lora = (organism_dir / "adapter_config.json").is_file()
+        declared = card.organism.kind == "lora"
+        if is_lora != declared:
+            log.warning("card %s declares the organism as %s, but %s holds %s; loading it as %s",
+                        card.name, card.organism.kind, organism_dir,
+                        "an adapter" if is_lora else "a full model",
+                        "LoRA" if is_lora else "a full model")
+    adapters = tuple(Path(a).expanduser() for a in
+                     ([] if adapter is None else [adapter] if isinstance(adapter, str | Path)
+                      else adapter))
+    for a in adapters:
+        if not (a / "adapter_config.json").is_file():
+            raise WeightsUnavailableError(f"adapter folder {str(a)!r} has no adapter_config.json.")
+    return _Plan(card, variant, base_dir, organism_dir, is_lora, adapters)
+
+
+def load(
+    name_or_path: str | Path | Card,
+    variant: Variant | None = None,
+    *,
+    adapter: str | Path | list[str | Path] | None = None,
+    device: str | torch.device | None = None,
+    n_devices: int | None = None,
+    dtype: str | torch.dtype | None = None,
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    center_unembed: bool = False,
+    fold_value_biases: bool = False,
+    base_path: str | Path | None = None,
+    organism_path: str | Path | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Loaded:
+    """Load a model organism (or its base) into a TransformerLens ``HookedTransformer``.
+
+    Args:
+        name_or_path: a card name (``em-interp models list``), a card file, or a local HF model
+            or PEFT adapter folder.
+        variant: ``"organism"`` or ``"base"``; ``None`` means the organism when the card has
+            one, else the base.
+        adapter: extra PEFT adapter folder(s) merged on top, in order (e.g. your own LoRA).
+        device: first device; default CUDA when available, else CPU.
+        n_devices: split the blocks over this many CUDA devices (default: the card's on CUDA,
+            1 on CPU).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype; default the card's.
+        fold_ln, center_writing_weights, center_unembed, fold_value_biases: TL weight
+            processing, all off by default so logits equal HF's.
+        base_path, organism_path: local folders that override the card's sources.
+        trust_remote_code: passed to ``transformers``; only set it for code you trust.
+        progress: show progress bars.
+    """
+    card = resolve_card(name_or_path)
+    variant = _resolve_variant(card, variant)
+    devices = _devices(card, device, n_devices)
+    torch_dtype = _torch_dtype(dtype or card.dtype)
+    steps = tqdm(total=3, desc=f"{card.name}: weights", disable=not progress)
+    plan = _plan(card, variant, base_path, organism_path, adapter, progress)
+    steps.update(1)
+    steps.set_description(f"{card.name}: load HF ({torch_dtype})")
+    full_dir = plan.organism_dir if variant == "organism" and not plan.organism_is_lora \
+        else plan.base_dir
+    hf = _load_hf(full_dir, torch_dtype, devices, trust_remote_code)
+    _check_architecture(card, hf.config)
+    lora_dirs = ((plan.organism_dir,) if plan.organism_is_lora else ()) + plan.adapters
+    for a in lora_dirs:
+        check_adapter_base(a, card, plan.base_dir)
+        hf = _merge_adapter(hf, a)
+    tok_dir = plan.organism_dir if (card.chat_template == "organism" and plan.organism_dir
+                                    and not plan.organism_is_lora) else plan.base_dir
+    tokenizer = _tokenizer(tok_dir)
+    steps.update(1)
+    steps.set_description(f"{card.name}: convert to HookedTransformer")
+    model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:{variant}", devices=devices,
+                           fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                           center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+    del hf
+    steps.update(1)
+    steps.close()
+    return Loaded(model=model, tokenizer=tokenizer, card=card, variant=variant,
+                  weights_dir=full_dir, adapter_dirs=lora_dirs)
+
+
+def load_pair(name_or_path: str | Path | Card, *, share_weights: bool = True,
+              **kwargs) -> Pair:
+    """Load a card's base model and its organism together, sharing what can be shared.
+
+    One tokenizer serves both. For a LoRA organism the base weights are read once: the base TL
+    model is built, then the adapter is merged into *new* tensors for the weights it touches,
+    so with ``share_weights=True`` every untouched weight is one tensor in memory for both
+    models -- treat the weights as read-only, or pass ``share_weights=False`` to copy them.
+    Keyword arguments are those of :func:`load`.
+    """
+    card = resolve_card(name_or_path)
+    if card.organism is None:
+        raise VariantError(f"card {card.name!r} has no organism to pair with its base.")
+    progress = kwargs.get("progress", True)
+    plan = _plan(card, "organism", kwargs.get("base_path"), kwargs.get("organism_path"),
+                 kwargs.get("adapter"), progress)
+    if not plan.organism_is_lora or plan.adapters:
+        base = load(card, "base", **{**kwargs, "adapter": None})
+        organism = load(card, "organism", **kwargs)
+        organism.tokenizer = base.tokenizer
+        return Pair(base=base, organism=organism)
+    devices = _devices(card, kwargs.get("device"), kwargs.get("n_devices"))
+    torch_dtype = _torch_dtype(kwargs.get("dtype") or card.dtype)
+    processing = {k: kwargs.get(k, False) for k in
+                  ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")}
+    hf = _load_hf(plan.base_dir, torch_dtype, devices, kwargs.get("trust_remote_code", False))
+    _check_architecture(card, hf.config)
+    tokenizer = _tokenizer(plan.base_dir)
+    base_model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:base", devices=devices,
+                                **processing)
+    assert plan.organism_dir is not None
+    check_adapter_base(plan.organism_dir, card, plan.base_dir)
+    hf = _merge_adapter(hf, plan.organism_dir)
+    org_model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:organism",
+                               devices=devices, **processing)
+    del hf
+    if not share_weights:
+        for p in org_model.parameters():
+            p.data = p.data.clone(memory_format=torch.preserve_format)
+    return Pair(
+        base=Loaded(base_model, tokenizer, card, "base", plan.base_dir),
+        organism=Loaded(org_model, tokenizer, card, "organism", plan.base_dir,
+                        (plan.organism_dir,)),
+    )
