@@ -19,6 +19,7 @@ dispatches on substrings of the name ("llama", "gemma"), so a folder called
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from pathlib import Path
@@ -79,10 +80,16 @@ def hooked_from_hf(
     dtype = next(hf_model.parameters()).dtype
     cfg = tl_config(hf_model.config, dtype=dtype, device=str(devices[0]),
                     model_name=model_name, fold_ln=fold_ln)
-    state_dict = _converter(architecture)(hf_model, cfg)
+    # detach(): fresh tensors over the same memory. The converters hand back some HF
+    # nn.Parameter objects as they are; assigned directly they would be *one object* shared
+    # by the HF model and every TL model built from it.
+    state_dict = {k: v.detach() for k, v in _converter(architecture)(hf_model, cfg).items()}
     processing = fold_ln or center_writing_weights or center_unembed or fold_value_biases
     # Build the skeleton on CPU with uninitialised storage; it is replaced below.
-    model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side="left")
+    # TL edits the tokenizer it is given (padding side, BOS/EOS/pad tokens): give it a copy, so
+    # the caller's HF tokenizer stays exactly as HF made it.
+    model = HookedTransformer(cfg, copy.deepcopy(tokenizer), move_to_device=False,
+                              default_padding_side="left")
     if processing:
         model.load_and_process_state_dict(
             state_dict,

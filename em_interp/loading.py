@@ -370,7 +370,8 @@ def load_pair(name_or_path: str | Path | Card, *, share_weights: bool = True,
               **kwargs) -> Pair:
     """Load a card's base model and its organism together, sharing what can be shared.
 
-    One tokenizer serves both. For a LoRA organism the base weights are read once: the base TL
+    One tokenizer serves both (unless the card takes the chat template from the organism).
+    For a LoRA organism the base weights are read once: the base TL
     model is built, then the adapter is merged into *new* tensors for the weights it touches,
     so with ``share_weights=True`` every untouched weight is one tensor in memory for both
     models -- treat the weights as read-only, or pass ``share_weights=False`` to copy them.
@@ -385,7 +386,8 @@ def load_pair(name_or_path: str | Path | Card, *, share_weights: bool = True,
     if not plan.organism_is_lora or plan.adapters:
         base = load(card, "base", **{**kwargs, "adapter": None})
         organism = load(card, "organism", **kwargs)
-        organism.tokenizer = base.tokenizer
+        if card.chat_template == "base":
+            organism.tokenizer = base.tokenizer
         return Pair(base=base, organism=organism)
     devices = _devices(card, kwargs.get("device"), kwargs.get("n_devices"))
     torch_dtype = _torch_dtype(kwargs.get("dtype") or card.dtype)

@@ -1,0 +1,85 @@
+"""TL models built by em-interp compute what the HF models compute (fp32, CPU)."""
+
+import pytest
+import torch
+from conftest import PROMPTS, hf_model, real_positions_max_diff
+
+import em_interp
+from em_interp import hooks
+
+TOL = 1e-4
+
+
+def _compare(lm, hf, prompts=PROMPTS):
+    ct = lm.chat_tokens(prompts)
+    with torch.no_grad():
+        tl = lm.model(ct.tokens, attention_mask=ct.attention_mask)
+        ref = hf(ct.tokens, attention_mask=ct.attention_mask).logits
+    return real_positions_max_diff(tl, ref, ct.attention_mask)
+
+
+@pytest.mark.parametrize("card", ["tiny-random-llama", "tiny-random-qwen2"])
+@pytest.mark.parametrize("variant", ["base", "organism"])
+def test_tiny_logits_match_hf(card, variant):
+    lm = em_interp.load(card, variant, progress=False)
+    hf = hf_model(lm.weights_dir)
+    if lm.adapter_dirs:  # LoRA organism: compare with PEFT's own merge
+        from peft import PeftModel
+
+        hf = PeftModel.from_pretrained(hf, str(lm.adapter_dirs[0])).merge_and_unload()
+    assert _compare(lm, hf) <= TOL
+
+
+def test_smollm2_logits_match_hf(smollm2, smollm2_hf):
+    assert _compare(smollm2, smollm2_hf) <= TOL
+
+
+def test_smollm2_unpadded_single_prompt_matches_hf(smollm2, smollm2_hf):
+    toks = smollm2.chat_tokens(PROMPTS[1]).tokens
+    with torch.no_grad():
+        d = (smollm2.model(toks) - smollm2_hf(toks).logits).abs().max().item()
+    assert d <= TOL
+
+
+def test_resid_post_is_hf_hidden_state(tiny_qwen):
+    hf = hf_model(tiny_qwen.weights_dir)
+    toks = tiny_qwen.chat_tokens(PROMPTS[0]).tokens
+    with torch.no_grad():
+        _, cache = tiny_qwen.model.run_with_cache(toks)
+        hs = hf(toks, output_hidden_states=True).hidden_states
+    for layer in range(tiny_qwen.model.cfg.n_layers - 1):  # HF's last entry is after the norm
+        assert torch.allclose(cache[hooks.resid_post(layer)], hs[layer + 1], atol=1e-5)
+    assert torch.allclose(cache[hooks.resid_pre(0)], hs[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "smollm2"])
+def test_mlp_hook_post_is_down_proj_input(fixture, request):
+    lm = request.getfixturevalue(fixture)
+    hf = hf_model(lm.weights_dir)
+    layer = lm.model.cfg.n_layers // 2
+    seen = {}
+    handle = hf.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+        lambda mod, args: seen.__setitem__("x", args[0].detach()))
+    toks = lm.chat_tokens(PROMPTS[0]).tokens
+    try:
+        with torch.no_grad():
+            hf(toks)
+            _, cache = lm.model.run_with_cache(toks, names_filter=hooks.mlp_post(layer))
+    finally:
+        handle.remove()
+    assert cache[hooks.mlp_post(layer)].shape == seen["x"].shape
+    assert torch.allclose(cache[hooks.mlp_post(layer)], seen["x"], atol=1e-5)
+
+
+def test_weight_processing_is_opt_in_and_preserves_log_probs(tiny_llama):
+    processed = em_interp.load("tiny-random-llama", "base", fold_ln=True,
+                               center_writing_weights=True, center_unembed=True, progress=False)
+    toks = tiny_llama.chat_tokens(PROMPTS[0]).tokens
+    with torch.no_grad():
+        plain = tiny_llama.model(toks)
+        proc = processed.model(toks)
+        ref = hf_model(tiny_llama.weights_dir)(toks).logits
+    assert (plain - ref).abs().max() <= TOL  # default: no processing, logits are HF's
+    # center_unembed shifts each position's logits by a constant: compare log-probs.
+    assert (proc.log_softmax(-1) - ref.log_softmax(-1)).abs().max() <= 1e-4
+    assert (proc - ref).abs().max() > 1e-3  # processing really changed the raw logits

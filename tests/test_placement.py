@@ -1,0 +1,56 @@
+"""n_devices placement: a pure function, checked against TL's own residual routing."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import hf_model
+from transformer_lens.utilities.multi_gpu import get_device_for_block_index
+
+import em_interp
+from em_interp import DeviceError
+from em_interp.placement import block_devices, check_devices, hf_device_map
+
+
+@pytest.mark.parametrize("n_devices", [1, 2, 3, 4, 8])
+def test_64_layers_contiguous_balanced_and_agrees_with_tl(n_devices):
+    placement = block_devices(64, n_devices)
+    assert len(placement) == 64
+    assert placement[0] == 0 and placement[-1] == n_devices - 1
+    assert all(b - a in (0, 1) for a, b in zip(placement, placement[1:], strict=False))
+    sizes = [placement.count(d) for d in range(n_devices)]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == 64
+    # TL moves the residual (and builds KV caches) with its index formula; they must agree.
+    cfg = SimpleNamespace(device="cuda:0", n_devices=n_devices, n_layers=64)
+    assert placement == [get_device_for_block_index(i, cfg).index for i in range(64)]
+
+
+def test_expected_splits():
+    assert [block_devices(64, 3).count(d) for d in range(3)] == [22, 21, 21]
+    assert [block_devices(64, 8).count(d) for d in range(8)] == [8] * 8
+    with pytest.raises(DeviceError, match="more than the model's 2 blocks"):
+        block_devices(2, 3)
+
+
+def test_hf_device_map_covers_every_weight(tiny_llama):
+    hf = hf_model(tiny_llama.weights_dir)
+    dm = hf_device_map(3, 2, first=1)
+    names = [n for n, _ in hf.named_parameters()] + [n for n, _ in hf.named_buffers()]
+    for n in names:
+        assert any(n == k or n.startswith(k + ".") for k in dm), n
+    assert dm["model.layers.0"] == 1 and dm["model.layers.2"] == 2 and dm["lm_head"] == 2
+
+
+def test_more_devices_than_visible_is_a_clear_error(monkeypatch):
+    with pytest.raises(DeviceError, match="needs CUDA devices"):
+        check_devices("cpu", 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match="needs 2 CUDA devices, but 1 are visible"):
+        check_devices("cuda:0", 2)
+    with pytest.raises(DeviceError):
+        em_interp.load("tiny-random-llama", device="cpu", n_devices=2, progress=False)
+
+
+def test_single_device_model_is_all_on_it(tiny_llama):
+    assert {p.device.type for p in tiny_llama.model.parameters()} == {"cpu"}
+    assert tiny_llama.model.cfg.n_devices == 1
