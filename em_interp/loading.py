@@ -25,6 +25,7 @@ from em_interp.chat import ChatTokens, PromptLike, chat_tokens
 from em_interp.errors import (
     AdapterMismatchError,
     CardError,
+    DeviceError,
     UnknownCardError,
     VariantError,
     WeightsUnavailableError,
@@ -244,9 +245,13 @@ def _devices(card: Card, device, n_devices: int | None) -> list[torch.device]:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if n_devices is None:
-        n_devices = card.n_devices if device.type == "cuda" else 1
-    return check_devices(device, n_devices)
+    if n_devices is None and device.type == "cuda":
+        try:
+            return check_devices(device, card.n_devices)
+        except DeviceError as e:
+            raise DeviceError(f"card {card.name!r} defaults to n_devices={card.n_devices}: {e} "
+                              "Pass n_devices=1 if the model fits on one device.") from None
+    return check_devices(device, n_devices or 1)
 
 
 # ------------------------------------------------------------------ public API

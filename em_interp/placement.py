@@ -45,6 +45,11 @@ def hf_device_map(n_layers: int, n_devices: int, first: int = 0) -> dict[str, in
 def check_devices(device: str | torch.device, n_devices: int) -> list[torch.device]:
     """Validate a request for ``n_devices`` starting at ``device``; return the device list."""
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            f"device {str(device)!r} was asked for, but CUDA is not available here (torch "
+            f"{torch.__version__}). Pass device='cpu', or install a CUDA build of torch."
+        )
     if n_devices == 1:
         return [device]
     if device.type != "cuda":

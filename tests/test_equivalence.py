@@ -83,3 +83,23 @@ def test_weight_processing_is_opt_in_and_preserves_log_probs(tiny_llama):
     # center_unembed shifts each position's logits by a constant: compare log-probs.
     assert (proc.log_softmax(-1) - ref.log_softmax(-1)).abs().max() <= 1e-4
     assert (proc - ref).abs().max() > 1e-3  # processing really changed the raw logits
+
+
+def test_bf16_is_as_close_to_fp32_as_hf_bf16_is(smollm2, smollm2_hf):
+    """bf16 cannot match HF bit for bit on CPU; it must be no noisier than HF's own bf16."""
+    from transformers import AutoModelForCausalLM
+
+    lm16 = em_interp.load("smollm2-135m-instruct", dtype="bfloat16", progress=False)
+    assert lm16.model.cfg.dtype == torch.bfloat16
+    assert {p.dtype for p in lm16.model.parameters()} == {torch.bfloat16}
+    hf16 = AutoModelForCausalLM.from_pretrained(lm16.weights_dir, dtype=torch.bfloat16).eval()
+    ct = smollm2.chat_tokens(PROMPTS)
+    keep = ct.attention_mask.bool()
+    with torch.no_grad():
+        ref = smollm2_hf(ct.tokens, attention_mask=ct.attention_mask).logits[keep]
+        tl16 = lm16.model(ct.tokens, attention_mask=ct.attention_mask)[keep].float()
+        hf16_logits = hf16(ct.tokens, attention_mask=ct.attention_mask).logits[keep].float()
+    tl_err = (tl16 - ref).abs().mean()
+    hf_err = (hf16_logits - ref).abs().mean()
+    assert tl_err <= 1.25 * hf_err
+    assert (tl16.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95

@@ -45,10 +45,21 @@ def test_more_devices_than_visible_is_a_clear_error(monkeypatch):
     with pytest.raises(DeviceError, match="needs CUDA devices"):
         check_devices("cpu", 2)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(DeviceError, match="needs 2 CUDA devices, but 1 are visible"):
         check_devices("cuda:0", 2)
     with pytest.raises(DeviceError):
         em_interp.load("tiny-random-llama", device="cpu", n_devices=2, progress=False)
+    with pytest.raises(DeviceError, match="card 'qwen2.5-32b-instruct-risky-financial-advice' "
+                                          "defaults to n_devices=2.*Pass n_devices=1"):
+        em_interp.load("qwen2.5-32b-instruct-risky-financial-advice", device="cuda",
+                       progress=False)
+
+
+def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        em_interp.load("tiny-random-llama", device="cuda", progress=False)
 
 
 def test_single_device_model_is_all_on_it(tiny_llama):
