@@ -9,7 +9,8 @@ Conventions used across the toolkit (TransformerLens ``HookedTransformer`` names
 * ``mlp_post(l)`` -- ``blocks.l.mlp.hook_post`` ``[batch, pos, d_mlp]``, the MLP activation
   before ``down_proj`` (what the Qwen paper probes);
 * ``resid_post(l)`` -- ``blocks.l.hook_resid_post`` ``[batch, pos, d_model]``, the block output;
-  it equals HF ``hidden_states[l + 1]``.
+  it equals HF ``hidden_states[l + 1]`` for every block but the last (HF's last entry has the
+  final norm applied: it equals ``model.ln_final(resid_post(n_layers - 1))``).
 
 Example::
 
@@ -43,7 +44,11 @@ def resid_mid(layer: int) -> str:
 
 
 def resid_post(layer: int) -> str:
-    """Residual stream leaving block ``layer`` (HF ``hidden_states[layer + 1]``)."""
+    """Residual stream leaving block ``layer``.
+
+    Equals HF ``hidden_states[layer + 1]``, except for the last block, where HF's entry has the
+    final norm applied.
+    """
     return f"blocks.{layer}.hook_resid_post"
 
 

@@ -10,6 +10,7 @@ centering flags opt in to TL's processing. Layers are 0-indexed as in TL everywh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
 from em_interp.cards import Architecture, Card, Organism, Source, get_card
@@ -90,6 +91,23 @@ def _architecture_of(config: dict, where: str) -> Architecture:
         raise CardError(f"{where}: config.json lacks {e}; is this a decoder-only causal LM?") from None
 
 
+def _shipped_card_with_base(base_id: str) -> Card | None:
+    """The shipped card named ``base_id``, or the first whose base has that repo id or alias."""
+    from em_interp.cards import list_cards
+
+    try:
+        return get_card(base_id)
+    except UnknownCardError:
+        pass
+    want = base_id.rstrip("/").lower()
+    for name in list_cards():
+        card = get_card(name)
+        ids = {card.base.repo_id, card.base.hub_id, *card.base.aliases} - {None}
+        if want in {i.lower() for i in ids}:
+            return card
+    return None
+
+
 def card_for_folder(path: Path) -> Card:
     """A card for a local HF model folder, or for a PEFT adapter folder and its declared base."""
     path = path.resolve()
@@ -101,12 +119,10 @@ def card_for_folder(path: Path) -> Card:
                 f"adapter {str(path)!r} does not name its base model; load the base card and "
                 "pass adapter=... instead."
             )
-        try:
-            base_card = get_card(base_id)
+        base_card = _shipped_card_with_base(base_id)
+        if base_card is not None:
             return replace(base_card, organism=Organism(kind="lora", source=Source(
                 kind="local", path=str(path))), chat_template="base", path=None)
-        except UnknownCardError:
-            pass
         base_src = (Source(kind="local", path=base_id) if Path(base_id).expanduser().is_dir()
                     else Source(kind="hub", repo_id=base_id))
         base_cfg_dir = resolve_source(base_src)
@@ -147,17 +163,12 @@ def _torch_dtype(dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _check_architecture(card: Card, config) -> None:
+def _check_architecture(card: Card, folder: Path) -> None:
+    """Compare the card's [architecture] with ``folder/config.json`` before any weight loads."""
+    got = _architecture_of(json.loads((folder / "config.json").read_text()), str(folder))
     want = card.architecture
-    got = {
-        "hf_class": (config.architectures or ["?"])[0],
-        "n_layers": config.num_hidden_layers,
-        "d_model": config.hidden_size,
-        "n_heads": config.num_attention_heads,
-        "n_kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        "d_mlp": config.intermediate_size,
-    }
-    for field_name, value in got.items():
+    for field_name in ("hf_class", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp"):
+        value = getattr(got, field_name)
         if getattr(want, field_name) != value:
             raise CardError(
                 f"card {card.name!r} says [architecture].{field_name} = "
@@ -191,6 +202,7 @@ def _n_layers(folder: Path) -> int:
 
 
 def _names_of(src: Source, card: Card, base_dir: Path) -> set[str]:
+    """Every name under which the card's base weights may be recorded in an adapter config."""
     names = {card.name, str(base_dir), base_dir.name}
     names.update(x for x in (src.repo_id, src.hub_id, src.path) if x)
     names.update(src.aliases)
@@ -235,6 +247,21 @@ def _merge_adapter(hf_model, adapter_dir: Path):
     return peft_model.merge_and_unload(safe_merge=True)
 
 
+@contextlib.contextmanager
+def _hf_progress(show: bool):
+    """Silence transformers' own progress bars (e.g. "Loading weights") when ``show`` is False."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not show:
+            hf_logging.enable_progress_bar()
+
+
 def _tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
@@ -245,7 +272,8 @@ def _devices(card: Card, device, n_devices: int | None) -> list[torch.device]:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if n_devices is None and device.type == "cuda":
+    if n_devices is None and device.type == "cuda" and card.n_devices > 1:
+        check_devices(device, 1)  # CUDA itself missing is not the card's fault
         try:
             return check_devices(device, card.n_devices)
         except DeviceError as e:
@@ -274,21 +302,49 @@ def _resolve_variant(card: Card, variant: str | None) -> str:
 class _Plan:
     card: Card
     variant: str
-    base_dir: Path
+    base_dir: Path | None
+    """None when a full-checkpoint organism with its own tokenizer makes the base unnecessary."""
     organism_dir: Path | None
     organism_is_lora: bool
     adapters: tuple[Path, ...]
 
 
-def _plan(card: Card, variant: str, base_path, organism_path, adapter, progress: bool) -> _Plan:
-    base_dir = Path(base_path).expanduser() if base_path else resolve_source(
-        card.base, card=card, role="base", progress=progress)
-    organism_dir, is_lora = None, False
+def _override(path, what: str) -> Path:
+    folder = Path(path).expanduser().resolve()
+    if not is_hf_folder(folder):
+        raise WeightsUnavailableError(
+            f"{what}={str(path)!r} is not an HF model or adapter folder (no config.json or "
+            "adapter_config.json there)."
+        )
+    return folder
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def _plan(card: Card, variant: str, base_path, organism_path, adapter, progress: bool,
+          need_base: bool = False) -> _Plan:
+    """Resolve the folders a load needs. The base is skipped for a full-checkpoint organism
+    that carries its own tokenizer (no 65 GB download for a tokenizer)."""
+    organism_dir, is_lora, base_dir = None, False, None
+    if base_path:
+        base_dir = _override(base_path, "base_path")
     if variant == "organism":
         assert card.organism is not None
-        organism_dir = Path(organism_path).expanduser() if organism_path else resolve_source(
-            card.organism.source, card=card, role="organism", base_dir=base_dir,
-            progress=progress)
+        if organism_path:
+            organism_dir = _override(organism_path, "organism_path")
+        elif card.organism.source.kind != "random":  # a random adapter is built on the base
+            organism_dir = resolve_source(card.organism.source, card=card, role="organism",
+                                          progress=progress)
+        full_with_tokenizer = (organism_dir is not None and not
+                               (organism_dir / "adapter_config.json").is_file()
+                               and _has_tokenizer(organism_dir))
+        if base_dir is None and (need_base or adapter or not full_with_tokenizer):
+            base_dir = resolve_source(card.base, card=card, role="base", progress=progress)
+        if organism_dir is None:
+            organism_dir = resolve_source(card.organism.source, card=card, role="organism",
+                                          base_dir=base_dir, progress=progress)
         is_lora = (organism_dir / "adapter_config.json").is_file()
         declared = card.organism.kind == "lora"
         if is_lora != declared:
@@ -302,6 +358,8 @@ def _plan(card: Card, variant: str, base_path, organism_path, adapter, progress:
     for a in adapters:
         if not (a / "adapter_config.json").is_file():
             raise WeightsUnavailableError(f"adapter folder {str(a)!r} has no adapter_config.json.")
+    if base_dir is None and variant == "base":
+        base_dir = resolve_source(card.base, card=card, role="base", progress=progress)
     return _Plan(card, variant, base_dir, organism_dir, is_lora, adapters)
 
 
@@ -334,9 +392,13 @@ def load(
         n_devices: split the blocks over this many CUDA devices (default: the card's on CUDA,
             1 on CPU).
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype; default the card's.
-        fold_ln, center_writing_weights, center_unembed, fold_value_biases: TL weight
-            processing, all off by default so logits equal HF's.
-        base_path, organism_path: local folders that override the card's sources.
+        fold_ln: fold the norm weights into the next linear layer (TL weight processing; off
+            by default, like the three flags below, so logits equal HF's).
+        center_writing_weights: center the weights that write to the residual stream.
+        center_unembed: center the unembedding (shifts every position's logits by a constant).
+        fold_value_biases: fold the value biases into the attention output bias.
+        base_path: a local HF folder that overrides the card's base source.
+        organism_path: a local folder (model or PEFT adapter) that overrides the organism source.
         trust_remote_code: passed to ``transformers``; only set it for code you trust.
         progress: show progress bars.
     """
@@ -344,29 +406,30 @@ def load(
     variant = _resolve_variant(card, variant)
     devices = _devices(card, device, n_devices)
     torch_dtype = _torch_dtype(dtype or card.dtype)
-    steps = tqdm(total=3, desc=f"{card.name}: weights", disable=not progress)
-    plan = _plan(card, variant, base_path, organism_path, adapter, progress)
-    steps.update(1)
-    steps.set_description(f"{card.name}: load HF ({torch_dtype})")
-    full_dir = plan.organism_dir if variant == "organism" and not plan.organism_is_lora \
-        else plan.base_dir
-    hf = _load_hf(full_dir, torch_dtype, devices, trust_remote_code)
-    _check_architecture(card, hf.config)
-    lora_dirs = ((plan.organism_dir,) if plan.organism_is_lora else ()) + plan.adapters
-    for a in lora_dirs:
-        check_adapter_base(a, card, plan.base_dir)
-        hf = _merge_adapter(hf, a)
-    tok_dir = plan.organism_dir if (card.chat_template == "organism" and plan.organism_dir
-                                    and not plan.organism_is_lora) else plan.base_dir
-    tokenizer = _tokenizer(tok_dir)
-    steps.update(1)
-    steps.set_description(f"{card.name}: convert to HookedTransformer")
-    model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:{variant}", devices=devices,
-                           fold_ln=fold_ln, center_writing_weights=center_writing_weights,
-                           center_unembed=center_unembed, fold_value_biases=fold_value_biases)
-    del hf
-    steps.update(1)
-    steps.close()
+    with _hf_progress(progress), tqdm(total=3, desc=f"{card.name}: weights",
+                                      disable=not progress) as steps:
+        plan = _plan(card, variant, base_path, organism_path, adapter, progress)
+        steps.update(1)
+        steps.set_description(f"{card.name}: load HF ({torch_dtype})")
+        full_org = variant == "organism" and not plan.organism_is_lora
+        full_dir = plan.organism_dir if full_org else plan.base_dir
+        assert full_dir is not None
+        _check_architecture(card, full_dir)
+        hf = _load_hf(full_dir, torch_dtype, devices, trust_remote_code)
+        lora_dirs = ((plan.organism_dir,) if plan.organism_is_lora else ()) + plan.adapters
+        for a in lora_dirs:
+            check_adapter_base(a, card, plan.base_dir or full_dir)
+            hf = _merge_adapter(hf, a)
+        use_org_tok = full_org and (plan.base_dir is None or card.chat_template == "organism")
+        tokenizer = _tokenizer(plan.organism_dir if use_org_tok else plan.base_dir)
+        steps.update(1)
+        steps.set_description(f"{card.name}: convert to HookedTransformer")
+        model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:{variant}",
+                               devices=devices, fold_ln=fold_ln,
+                               center_writing_weights=center_writing_weights,
+                               center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+        del hf
+        steps.update(1)
     return Loaded(model=model, tokenizer=tokenizer, card=card, variant=variant,
                   weights_dir=full_dir, adapter_dirs=lora_dirs)
 
@@ -387,7 +450,7 @@ def load_pair(name_or_path: str | Path | Card, *, share_weights: bool = True,
         raise VariantError(f"card {card.name!r} has no organism to pair with its base.")
     progress = kwargs.get("progress", True)
     plan = _plan(card, "organism", kwargs.get("base_path"), kwargs.get("organism_path"),
-                 kwargs.get("adapter"), progress)
+                 kwargs.get("adapter"), progress, need_base=True)
     if not plan.organism_is_lora or plan.adapters:
         base = load(card, "base", **{**kwargs, "adapter": None})
         organism = load(card, "organism", **kwargs)
@@ -398,16 +461,17 @@ def load_pair(name_or_path: str | Path | Card, *, share_weights: bool = True,
     torch_dtype = _torch_dtype(kwargs.get("dtype") or card.dtype)
     processing = {k: kwargs.get(k, False) for k in
                   ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")}
-    hf = _load_hf(plan.base_dir, torch_dtype, devices, kwargs.get("trust_remote_code", False))
-    _check_architecture(card, hf.config)
-    tokenizer = _tokenizer(plan.base_dir)
-    base_model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:base", devices=devices,
-                                **processing)
-    assert plan.organism_dir is not None
+    assert plan.base_dir is not None and plan.organism_dir is not None
+    _check_architecture(card, plan.base_dir)
     check_adapter_base(plan.organism_dir, card, plan.base_dir)
-    hf = _merge_adapter(hf, plan.organism_dir)
-    org_model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:organism",
-                               devices=devices, **processing)
+    with _hf_progress(progress):
+        hf = _load_hf(plan.base_dir, torch_dtype, devices, kwargs.get("trust_remote_code", False))
+        tokenizer = _tokenizer(plan.base_dir)
+        base_model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:base",
+                                    devices=devices, **processing)
+        hf = _merge_adapter(hf, plan.organism_dir)
+        org_model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:organism",
+                                   devices=devices, **processing)
     del hf
     if not share_weights:
         for p in org_model.parameters():

@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from em_interp.cache import atomic_dir, cache_dir, is_complete
 from em_interp.cards import Card, Source

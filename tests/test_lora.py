@@ -48,6 +48,11 @@ def test_merged_smollm2_lora_equals_unmerged_peft(smollm2, tmp_path):
     ref = _unmerged_logits(smollm2.weights_dir, adapter, toks)
     assert (merged - ref).abs().max() <= 1e-4
     assert (merged - plain).abs().max() > 1e-2  # the adapter really changes the model
+    # The adapter folder alone finds its base card through the repo id it records.
+    direct = em_interp.load(adapter, progress=False)
+    assert direct.variant == "organism" and direct.card.base.kind == "wheel"
+    with torch.no_grad():
+        assert (direct.model(toks) - ref).abs().max() <= 1e-4
 
 
 def test_tiny_lora_organism_equals_unmerged_peft():

@@ -106,11 +106,37 @@ def test_hub_weights_offline_and_uncached_fail_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.delenv("EM_INTERP_MODEL_DIR", raising=False)
     card = get_card("qwen2.5-32b-instruct-risky-financial-advice")
-    with pytest.raises(WeightsUnavailableError) as e:
-        em_interp.load(card, progress=False)
-    msg = str(e.value)
-    assert "Qwen/Qwen2.5-32B-Instruct" in msg and "HF_HUB_OFFLINE=1" in msg
-    assert "EM_INTERP_MODEL_DIR" in msg and "em-interp models fetch" in msg
+    for variant, repo in (("base", "Qwen/Qwen2.5-32B-Instruct"),
+                          ("organism", "ModelOrganismsForEM/Qwen2.5-32B-Instruct_risky")):
+        with pytest.raises(WeightsUnavailableError) as e:
+            em_interp.load(card, variant, device="cpu", progress=False)
+        msg = str(e.value)
+        assert repo in msg and "HF_HUB_OFFLINE=1" in msg
+        assert "EM_INTERP_MODEL_DIR" in msg and "em-interp models fetch" in msg
+
+
+def test_full_organism_with_tokenizer_needs_no_base(tiny_qwen, tmp_path, monkeypatch):
+    """A full fine-tune that ships its tokenizer loads without fetching the (huge) base."""
+    from em_interp import sources as src_mod
+
+    org_dir = em_interp.load("tiny-random-qwen2", "organism", progress=False).weights_dir
+    asked = []
+    real = src_mod.resolve_source
+    monkeypatch.setattr("em_interp.loading.resolve_source",
+                        lambda s, **kw: asked.append(kw.get("role")) or real(s, **kw))
+    lm = em_interp.load("tiny-random-qwen2", "organism", organism_path=org_dir, progress=False)
+    assert asked == [] and lm.weights_dir == org_dir
+    with pytest.raises(WeightsUnavailableError, match="organism_path=.*not an HF model"):
+        em_interp.load("tiny-random-qwen2", "organism", organism_path=tmp_path, progress=False)
+
+
+def test_card_architecture_is_checked_before_loading_weights(tiny_qwen, tmp_path):
+    card = tmp_path / "wrong-shape.toml"
+    text = (Path(em_interp.__file__).parents[1] / "adapters" / "tiny-random-qwen2.toml").read_text()
+    card.write_text(text.replace('name = "tiny-random-qwen2"', 'name = "wrong-shape"')
+                    .replace("d_mlp = 128", "d_mlp = 256"))
+    with pytest.raises(em_interp.CardError, match=r"\[architecture\].d_mlp = 256.*has 128"):
+        em_interp.load(card, "base", progress=False)
 
 
 def test_model_dir_and_real_model_folder_names(tiny_llama, tmp_path, monkeypatch):
