@@ -32,6 +32,7 @@ from em_interp.errors import (
     WeightsUnavailableError,
 )
 from em_interp.hooked import hooked_from_hf
+from em_interp.lora_merge import check_adapter_base, merge_adapter
 from em_interp.placement import check_devices, hf_device_map
 from em_interp.sources import is_hf_folder, resolve_source
 
@@ -199,52 +200,6 @@ def _load_hf(folder: Path, dtype: torch.dtype, devices: list[torch.device],
 
 def _n_layers(folder: Path) -> int:
     return json.loads((folder / "config.json").read_text())["num_hidden_layers"]
-
-
-def _names_of(src: Source, card: Card, base_dir: Path) -> set[str]:
-    """Every name under which the card's base weights may be recorded in an adapter config."""
-    names = {card.name, str(base_dir), base_dir.name}
-    names.update(x for x in (src.repo_id, src.hub_id, src.path) if x)
-    names.update(src.aliases)
-    return names
-
-
-def check_adapter_base(adapter_dir: Path, card: Card, base_dir: Path) -> None:
-    """Raise :class:`AdapterMismatchError` when the adapter was trained on another base."""
-    acfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    declared = acfg.get("base_model_name_or_path")
-    if not declared:
-        log.warning("adapter %s does not name its base model; assuming %s", adapter_dir, card.name)
-        return
-    accepted = _names_of(card.base, card, base_dir)
-    norm = {a.rstrip("/").lower() for a in accepted}
-    tails = {Path(a.rstrip("/")).name.lower() for a in accepted}
-    d = declared.rstrip("/").lower()
-    if d in norm or Path(d).name in tails:
-        return
-    raise AdapterMismatchError(
-        f"adapter {str(adapter_dir)!r} was trained on {declared!r}, but it is being applied to "
-        f"card {card.name!r} whose base is {card.base.describe()} (also known as "
-        f"{sorted(card.base.aliases) or 'no aliases'}). Load the adapter on its own base, or, if "
-        "the two are the same weights under another name, add that name to the card's "
-        "[base].aliases."
-    )
-
-
-def _merge_adapter(hf_model, adapter_dir: Path):
-    from peft import PeftModel
-
-    try:
-        peft_model = PeftModel.from_pretrained(hf_model, str(adapter_dir))
-    except RuntimeError as e:
-        if "size mismatch" in str(e):
-            raise AdapterMismatchError(
-                f"adapter {str(adapter_dir)!r} has weight shapes that do not fit this base "
-                f"model: {str(e)[:300]}"
-            ) from None
-        raise
-    # safe_merge writes merged weights into new tensors, so untouched tensors can stay shared.
-    return peft_model.merge_and_unload(safe_merge=True)
 
 
 @contextlib.contextmanager
@@ -419,7 +374,7 @@ def load(
         lora_dirs = ((plan.organism_dir,) if plan.organism_is_lora else ()) + plan.adapters
         for a in lora_dirs:
             check_adapter_base(a, card, plan.base_dir or full_dir)
-            hf = _merge_adapter(hf, a)
+            hf = merge_adapter(hf, a)
         use_org_tok = full_org and (plan.base_dir is None or card.chat_template == "organism")
         tokenizer = _tokenizer(plan.organism_dir if use_org_tok else plan.base_dir)
         steps.update(1)
@@ -469,7 +424,7 @@ def load_pair(name_or_path: str | Path | Card, *, share_weights: bool = True,
         tokenizer = _tokenizer(plan.base_dir)
         base_model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:base",
                                     devices=devices, **processing)
-        hf = _merge_adapter(hf, plan.organism_dir)
+        hf = merge_adapter(hf, plan.organism_dir)
         org_model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:organism",
                                    devices=devices, **processing)
     del hf

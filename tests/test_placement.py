@@ -65,3 +65,20 @@ def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
 def test_single_device_model_is_all_on_it(tiny_llama):
     assert {p.device.type for p in tiny_llama.model.parameters()} == {"cpu"}
     assert tiny_llama.model.cfg.n_devices == 1
+
+
+def test_place_model_puts_each_module_where_the_placement_says():
+    """Two 'devices' on a CPU-only machine: cpu and meta (no forward, just where things live)."""
+    from em_interp.placement import place_model
+
+    lm = em_interp.load("tiny-random-llama", "base", progress=False)
+    devices = [torch.device("cpu"), torch.device("meta")]
+    place_model(lm.model, devices)
+    placement = block_devices(3, 2)
+    for i, block in enumerate(lm.model.blocks):
+        assert {p.device for p in block.parameters()} == {devices[placement[i]]}
+        assert len(block._forward_pre_hooks) == 1  # moves the block's inputs to its device
+    assert lm.model.embed.W_E.device.type == "cpu"
+    assert lm.model.unembed.W_U.device.type == "meta"
+    assert lm.model.ln_final.w.device.type == "meta"
+    assert (lm.model.cfg.device, lm.model.cfg.n_devices) == ("cpu", 2)
