@@ -150,6 +150,11 @@ def resolve_card(name_or_path: str | Path | Card) -> Card:
                 "HF model or adapter folder."
             )
         return card_for_folder(p)
+    if str(name_or_path).startswith(("/", ".", "~")) and not str(name_or_path).endswith(".toml"):
+        raise WeightsUnavailableError(
+            f"folder {str(name_or_path)!r} does not exist. Pass an existing HF model or adapter "
+            "folder, a card file (*.toml), or a card name (`em-interp models list`)."
+        )
     return get_card(name_or_path)
 
 

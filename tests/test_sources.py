@@ -166,6 +166,8 @@ def test_folder_without_safetensors_is_refused(tiny_llama, tmp_path):
         em_interp.load(folder, progress=False)
     with pytest.raises(WeightsUnavailableError, match="neither config.json"):
         em_interp.load(tmp_path, progress=False)
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        em_interp.load(str(tmp_path / "typo-folder"), progress=False)
 
 
 def test_local_card_with_missing_path(tmp_path):
