@@ -300,7 +300,7 @@ def _plan(card: Card, variant: str, base_path, organism_path, adapter, progress:
         full_with_tokenizer = (organism_dir is not None and not
                                (organism_dir / "adapter_config.json").is_file()
                                and _has_tokenizer(organism_dir))
-        if base_dir is None and (need_base or adapter or not full_with_tokenizer):
+        if base_dir is None and (need_base or not full_with_tokenizer):
             base_dir = resolve_source(card.base, card=card, role="base", progress=progress)
         if organism_dir is None:
             organism_dir = resolve_source(card.organism.source, card=card, role="organism",
