@@ -11,6 +11,7 @@ centering flags opt in to TL's processing. Layers are 0-indexed as in TL everywh
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -405,6 +406,7 @@ def load_pair(name_or_path: str | Path | Card, *, share_weights: bool = True,
     models -- treat the weights as read-only, or pass ``share_weights=False`` to copy them.
     Keyword arguments are those of :func:`load`.
     """
+    inspect.signature(load).bind(name_or_path, **kwargs)  # unknown keywords raise TypeError
     card = resolve_card(name_or_path)
     if card.organism is None:
         raise VariantError(f"card {card.name!r} has no organism to pair with its base.")

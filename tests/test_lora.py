@@ -89,6 +89,11 @@ def test_load_pair_shares_untouched_weights_and_matches_separate_loads():
         assert not torch.equal(bp[name], dict(pair.organism.model.named_parameters())[name])
 
 
+def test_load_pair_rejects_unknown_keywords():
+    with pytest.raises(TypeError, match="dtyp"):
+        em_interp.load_pair("tiny-random-llama", dtyp="bfloat16")
+
+
 def test_load_pair_can_copy_instead_of_share():
     pair = em_interp.load_pair("tiny-random-llama", share_weights=False, progress=False)
     bp = {n: _storage(p) for n, p in pair.base.model.named_parameters()}
