@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
-from em_interp.cards import Architecture, Card, Organism, Source, get_card
+from em_interp.cards import Architecture, Card, Organism, Source, get_card, list_cards
 from em_interp.chat import ChatTokens, PromptLike, chat_tokens
 from em_interp.errors import (
     AdapterMismatchError,
@@ -95,8 +95,6 @@ def _architecture_of(config: dict, where: str) -> Architecture:
 
 def _shipped_card_with_base(base_id: str) -> Card | None:
     """The shipped card named ``base_id``, or the first whose base has that repo id or alias."""
-    from em_interp.cards import list_cards
-
     try:
         return get_card(base_id)
     except UnknownCardError:
@@ -184,7 +182,7 @@ def _check_architecture(card: Card, folder: Path) -> None:
             )
 
 
-def _load_hf(folder: Path, dtype: torch.dtype, devices: list[torch.device],
+def _load_hf(folder: Path, n_layers: int, dtype: torch.dtype, devices: list[torch.device],
              trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
@@ -197,15 +195,11 @@ def _load_hf(folder: Path, dtype: torch.dtype, devices: list[torch.device],
     kwargs: dict = {"dtype": dtype}
     if devices[0].type == "cuda":
         kwargs["device_map"] = ({"": str(devices[0])} if len(devices) == 1 else
-                                hf_device_map(_n_layers(folder), len(devices),
+                                hf_device_map(n_layers, len(devices),
                                               devices[0].index or 0))
     if trust_remote_code:
         kwargs["trust_remote_code"] = True
     return AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, **kwargs).eval()
-
-
-def _n_layers(folder: Path) -> int:
-    return json.loads((folder / "config.json").read_text())["num_hidden_layers"]
 
 
 @contextlib.contextmanager
@@ -376,7 +370,8 @@ def load(
         full_dir = plan.organism_dir if full_org else plan.base_dir
         assert full_dir is not None
         _check_architecture(card, full_dir)
-        hf = _load_hf(full_dir, torch_dtype, devices, trust_remote_code)
+        hf = _load_hf(full_dir, card.architecture.n_layers, torch_dtype, devices,
+                      trust_remote_code)
         lora_dirs = ((plan.organism_dir,) if plan.organism_is_lora else ()) + plan.adapters
         for a in lora_dirs:
             check_adapter_base(a, card, plan.base_dir or full_dir)
@@ -427,7 +422,8 @@ def load_pair(name_or_path: str | Path | Card, *, share_weights: bool = True,
     _check_architecture(card, plan.base_dir)
     check_adapter_base(plan.organism_dir, card, plan.base_dir)
     with _hf_progress(progress):
-        hf = _load_hf(plan.base_dir, torch_dtype, devices, kwargs.get("trust_remote_code", False))
+        hf = _load_hf(plan.base_dir, card.architecture.n_layers, torch_dtype, devices,
+                      kwargs.get("trust_remote_code", False))
         tokenizer = _tokenizer(plan.base_dir)
         base_model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:base",
                                     devices=devices, **processing)
