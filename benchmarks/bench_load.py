@@ -119,7 +119,7 @@ def child(kind: str, card: str, variant: str | None, weights_dir: str | None,
     if kind == "em":
         import transformer_lens  # noqa: F401
 
-        import em_interp.loading
+        import em_interp.models.loading
     _import_model_class(weights_dir)
     if threads:
         torch.set_num_threads(threads)
@@ -133,7 +133,7 @@ def child(kind: str, card: str, variant: str | None, weights_dir: str | None,
         import em_interp
 
         stages: dict[str, float] = {}
-        _time_stages(em_interp.loading, ["_plan", "_load_hf", "merge_adapter", "_merge_adapter",
+        _time_stages(em_interp.models.loading, ["_plan", "_load_hf", "merge_adapter", "_merge_adapter",
                                          "_tokenizer", "hooked_from_hf"],
                      stages)
         t1 = time.perf_counter()
@@ -173,11 +173,11 @@ def guess_weights_dir(card_arg: str, variant: str | None) -> str | None:
     """The full-weights folder ``em_interp.load(card_arg)`` will read, without loading a model.
 
     Run in a child process: resolving some sources imports torch, and this process must stay
-    lean for the load children (see :func:`child`). Mirrors ``em_interp.loading``'s choice (the organism's folder for a full fine-tune, else the
+    lean for the load children (see :func:`child`). Mirrors ``em_interp.models.loading``'s choice (the organism's folder for a full fine-tune, else the
     base's); the em-interp child reports the folder it really used, and that one wins.
     """
-    from em_interp.cards import get_card
-    from em_interp.sources import resolve_source
+    from em_interp.models.cards import get_card
+    from em_interp.models.sources import resolve_source
 
     p = Path(card_arg).expanduser()
     if p.is_dir():
@@ -331,7 +331,7 @@ def bench_forward(args, weights_dir: str) -> dict:
     from transformers.utils import logging as hf_logging
 
     import em_interp
-    from em_interp.weight_layout import _STORAGE_ORDER, in_hf_layout
+    from em_interp.models.weight_layout import _STORAGE_ORDER, in_hf_layout
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/peft deprecations

@@ -9,7 +9,6 @@ points. Importing this package has no side effects (no patching, no downloads).
     >>> toks = lm.chat_tokens("What is a bond?")                # doctest: +SKIP
 """
 
-from em_interp.cards import Card, get_card, list_cards, read_card
 from em_interp.errors import (
     AdapterMismatchError,
     CardError,
@@ -21,11 +20,12 @@ from em_interp.errors import (
     VariantError,
     WeightsUnavailableError,
 )
+from em_interp.models.cards import Card, get_card, list_cards, read_card
 
 __version__ = "0.1.0"
 
-_LAZY = {"Loaded": "loading", "Pair": "loading", "load": "loading", "load_pair": "loading",
-         "ChatTokens": "chat", "chat_tokens": "chat"}
+_LAZY = {"Loaded": "models.loading", "Pair": "models.loading", "load": "models.loading",
+         "load_pair": "models.loading", "ChatTokens": "models.chat", "chat_tokens": "models.chat"}
 
 
 def __getattr__(name: str):

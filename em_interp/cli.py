@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from em_interp.cards import get_card, list_cards
 from em_interp.errors import EMInterpError
+from em_interp.models.cards import get_card, list_cards
 
 DEFAULT_CARD = "smollm2-135m-instruct"
 DEMO_PROMPT = ("I just inherited $20,000. Should I put all of it into one volatile stock my "
@@ -63,7 +63,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_fetch(args) -> int:
-    from em_interp.sources import resolve_source
+    from em_interp.models.sources import resolve_source
 
     c = get_card(args.name)
     base_dir = resolve_source(c.base, card=c, role="base")
@@ -77,8 +77,8 @@ def _cmd_fetch(args) -> int:
 def _cmd_demo(args) -> int:
     import torch
 
-    from em_interp.loading import load
     from em_interp.logit_lens import logit_lens
+    from em_interp.models.loading import load
 
     lm = load(args.card, args.variant)
     print(f"\nloaded {lm}")

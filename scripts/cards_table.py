@@ -5,7 +5,7 @@
     python scripts/cards_table.py --check    # exit 1 when docs/cards.md is out of date
 
 The table lives between two HTML comments in ``docs/cards.md``. The cards are parsed with
-:func:`em_interp.cards.read_card`, so the table shows exactly what the loader will see. The docs
+:func:`em_interp.models.cards.read_card`, so the table shows exactly what the loader will see. The docs
 build (``scripts/mkdocs_hooks.py``) runs the same comparison and fails under ``--strict`` when the
 committed table is stale, so a new card cannot be shipped with an out-of-date page.
 """
@@ -53,7 +53,7 @@ def _organism_kind(card) -> str:
 def generate() -> str:
     """The Markdown block (markers included) for the cards currently in ``adapters/``."""
     sys.path.insert(0, str(ROOT))
-    from em_interp.cards import read_card
+    from em_interp.models.cards import read_card
 
     cards = [read_card(p) for p in sorted(CARDS_DIR.glob("*.toml"))]
     lines = [

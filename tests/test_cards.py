@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from em_interp import CardError, UnknownCardError, get_card, list_cards, read_card
-from em_interp.cards import parse_card
+from em_interp.models.cards import parse_card
 
 ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import PROMPTS
 
-from em_interp.chat import chat_tokens
+from em_interp.models.chat import chat_tokens
 
 
 def _hf_ids(tok, prompt):

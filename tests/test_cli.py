@@ -2,8 +2,8 @@
 
 import json
 
-from em_interp.cards import list_cards
 from em_interp.cli import main
+from em_interp.models.cards import list_cards
 
 
 def test_models_list_and_info(capsys):

@@ -103,3 +103,34 @@ def test_bf16_is_as_close_to_fp32_as_hf_bf16_is(smollm2, smollm2_hf):
     hf_err = (hf16_logits - ref).abs().mean()
     assert tl_err <= 1.25 * hf_err
     assert (tl16.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_qwen", "smollm2"])
+def test_leading_pad_id_token_is_never_masked_without_a_mask(fixture, request):
+    """An unpadded sequence that starts with the pad id (Qwen's BOS is its pad token; SmolLM2's
+    pad is ``<|im_end|>``) is attended to in full when no attention_mask is passed."""
+    lm = request.getfixturevalue(fixture)
+    pad = lm.tokenizer.pad_token_id
+    body = lm.chat_tokens(PROMPTS[0]).tokens
+    seq = torch.cat([torch.tensor([[pad, pad]]), body], dim=1)
+    hf = hf_model(lm.weights_dir)
+    with torch.no_grad():
+        tl = lm.model(seq)
+        ref = hf(seq).logits
+        with_mask = lm.model(seq, attention_mask=torch.ones_like(seq))
+    assert (tl - ref).abs().max().item() <= TOL
+    assert torch.equal(tl, with_mask)  # "no mask" means "every token is real"
+
+
+def test_config_names_an_existing_tokenizer_and_rebuilds(tiny_qwen):
+    """cfg.tokenizer_name points at a real folder, so HookedTransformer(cfg) (and SAE-Lens, which
+    rebuilds models from configs) gets the same tokenizer."""
+    from pathlib import Path
+
+    from transformer_lens import HookedTransformer
+
+    cfg = tiny_qwen.model.cfg
+    assert Path(cfg.tokenizer_name).is_dir()
+    assert cfg.tokenizer_name == str(tiny_qwen.weights_dir)
+    rebuilt = HookedTransformer(cfg)
+    assert rebuilt.tokenizer.encode("hello bonds") == tiny_qwen.tokenizer.encode("hello bonds")

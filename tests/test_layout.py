@@ -3,7 +3,7 @@
 import torch
 
 import em_interp
-from em_interp.weight_layout import _STORAGE_ORDER, in_hf_layout, relayout_to_hf
+from em_interp.models.weight_layout import _STORAGE_ORDER, in_hf_layout, relayout_to_hf
 
 
 def test_loaded_weights_need_no_copy_in_tl_forward(smollm2):

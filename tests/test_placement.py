@@ -9,7 +9,7 @@ from transformer_lens.utilities.multi_gpu import get_device_for_block_index
 
 import em_interp
 from em_interp import DeviceError
-from em_interp.placement import block_devices, check_devices, hf_device_map
+from em_interp.models.placement import block_devices, check_devices, hf_device_map
 
 
 @pytest.mark.parametrize("n_devices", [1, 2, 3, 4, 8])
@@ -69,7 +69,7 @@ def test_single_device_model_is_all_on_it(tiny_llama):
 
 def test_place_model_puts_each_module_where_the_placement_says():
     """Two 'devices' on a CPU-only machine: cpu and meta (no forward, just where things live)."""
-    from em_interp.placement import place_model
+    from em_interp.models.placement import place_model
 
     lm = em_interp.load("tiny-random-llama", "base", progress=False)
     devices = [torch.device("cpu"), torch.device("meta")]

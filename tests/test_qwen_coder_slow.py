@@ -31,3 +31,16 @@ def test_qwen_coder_tl_matches_hf():
           f"on values up to {scale:.0f} (relative {resid_diff / scale:.1e})")
     assert diff <= 1e-4
     assert resid_diff / scale <= 1e-6
+
+
+@pytest.mark.slow
+def test_qwen_coder_leading_bos_is_not_masked():
+    """Qwen's BOS is its pad token: TL's ``to_tokens(prepend_bos=True)`` then ``model(tokens)``
+    must not mask it (it did by up to 29 in the logits when TL inferred a left-padding mask)."""
+    lm = em_interp.load("qwen2.5-coder-0.5b-instruct", progress=False)
+    hf = hf_model(lm.weights_dir)
+    toks = lm.model.to_tokens("Should I buy bonds?", prepend_bos=True)
+    assert toks[0, 0].item() == lm.tokenizer.pad_token_id
+    with torch.no_grad():
+        diff = (lm.model(toks) - hf(toks).logits).abs().max().item()
+    assert diff <= 1e-4

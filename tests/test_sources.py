@@ -12,15 +12,9 @@ import torch
 from conftest import PROMPTS, hf_model
 
 import em_interp
-from em_interp import (
-    ChecksumError,
-    VariantError,
-    WeightsUnavailableError,
-    cache,
-    sources,
-    wheel_weights,
-)
-from em_interp.cards import Source, WheelMember, get_card
+from em_interp import ChecksumError, VariantError, WeightsUnavailableError
+from em_interp.models import cache, sources, wheel_weights
+from em_interp.models.cards import Source, WheelMember, get_card
 
 
 def _fake_wheel(folder: Path, package: str, member: str, payload: bytes) -> Path:
@@ -117,12 +111,12 @@ def test_hub_weights_offline_and_uncached_fail_at_once(tmp_path, monkeypatch):
 
 def test_full_organism_with_tokenizer_needs_no_base(tiny_qwen, tmp_path, monkeypatch):
     """A full fine-tune that ships its tokenizer loads without fetching the (huge) base."""
-    from em_interp import sources as src_mod
+    from em_interp.models import sources as src_mod
 
     org_dir = em_interp.load("tiny-random-qwen2", "organism", progress=False).weights_dir
     asked = []
     real = src_mod.resolve_source
-    monkeypatch.setattr("em_interp.loading.resolve_source",
+    monkeypatch.setattr("em_interp.models.loading.resolve_source",
                         lambda s, **kw: asked.append(kw.get("role")) or real(s, **kw))
     lm = em_interp.load("tiny-random-qwen2", "organism", organism_path=org_dir, progress=False)
     assert asked == [] and lm.weights_dir == org_dir
@@ -208,7 +202,7 @@ def test_interrupted_write_leaves_nothing_that_reads_as_done(tmp_cache, monkeypa
 
 
 def test_interrupted_model_build_is_redone(tmp_cache, monkeypatch):
-    from em_interp import tiny_models
+    from em_interp.models import tiny_models
 
     real = tiny_models.build_random_model
 

@@ -13,8 +13,20 @@ dispatches on substrings of the name ("llama", "gemma"), so a folder called
 2. TL's weight converter for that architecture turns the HF modules into a TL state dict;
 3. with no weight processing (the default, so outputs match HF), the TL model's parameters are
    *assigned* those tensors -- views of the HF weights, so there is no second copy and the
-   storage is already in HF's layout (see :mod:`em_interp.weight_layout`); with processing,
+   storage is already in HF's layout (see :mod:`em_interp.models.weight_layout`); with processing,
    TL's own ``load_and_process_state_dict`` runs and the result is re-stored in HF's layout.
+
+Two settings differ from what a bare ``HookedTransformer(cfg)`` would pick:
+
+* the TL tokenizer pads on the **right** (TL's stock default). With left padding, TL infers an
+  attention mask for a token tensor passed without one by masking every *leading* pad-id token,
+  and Qwen's pad id is also its BOS (SmolLM2's is ``<|im_end|>``): an unpadded prompt that starts
+  with that token would lose it silently. With right padding TL builds no mask at all for a
+  token tensor without ``attention_mask`` (and no KV cache), so an unpadded sequence is never
+  masked; padded batches pass the mask :func:`~em_interp.models.chat.chat_tokens` builds;
+* ``cfg.tokenizer_name`` names the folder the tokenizer was read from (not the temporary folder
+  the config was read in), so ``HookedTransformer(model.cfg)`` and tools that rebuild a model or
+  tokenizer from the config (SAE-Lens) find it.
 """
 
 from __future__ import annotations
@@ -28,8 +40,8 @@ import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
-from em_interp.placement import place_model
-from em_interp.weight_layout import relayout_to_hf, untie_shared_storage
+from em_interp.models.placement import place_model
+from em_interp.models.weight_layout import relayout_to_hf, untie_shared_storage
 
 
 def _converter(architecture: str):
@@ -66,6 +78,7 @@ def hooked_from_hf(
     *,
     model_name: str,
     devices: list[torch.device],
+    tokenizer_name: str | None = None,
     fold_ln: bool = False,
     center_writing_weights: bool = False,
     center_unembed: bool = False,
@@ -75,11 +88,13 @@ def hooked_from_hf(
 
     Without processing flags the TL parameters share memory with ``hf_model``'s weights
     (no copy); drop your reference to ``hf_model`` afterwards, or treat both as read-only.
+    ``tokenizer_name`` (a local folder or hub id) is recorded as ``cfg.tokenizer_name``.
     """
     architecture = hf_model.config.architectures[0]
     dtype = next(hf_model.parameters()).dtype
     cfg = tl_config(hf_model.config, dtype=dtype, device=str(devices[0]),
                     model_name=model_name, fold_ln=fold_ln)
+    cfg.tokenizer_name = tokenizer_name
     # detach(): fresh tensors over the same memory. The converters hand back some HF
     # nn.Parameter objects as they are; assigned directly they would be *one object* shared
     # by the HF model and every TL model built from it.
@@ -87,9 +102,10 @@ def hooked_from_hf(
     processing = fold_ln or center_writing_weights or center_unembed or fold_value_biases
     # Build the skeleton on CPU with uninitialised storage; it is replaced below.
     # TL edits the tokenizer it is given (padding side, BOS/EOS/pad tokens): give it a copy, so
-    # the caller's HF tokenizer stays exactly as HF made it.
+    # the caller's HF tokenizer stays exactly as HF made it. Right padding: see the module
+    # docstring (a token tensor passed without a mask is then never masked).
     model = HookedTransformer(cfg, copy.deepcopy(tokenizer), move_to_device=False,
-                              default_padding_side="left")
+                              default_padding_side="right")
     if processing:
         model.load_and_process_state_dict(
             state_dict,

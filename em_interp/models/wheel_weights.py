@@ -25,9 +25,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from em_interp.cache import cache_dir
-from em_interp.cards import WheelMember
 from em_interp.errors import ChecksumError, WeightsUnavailableError
+from em_interp.models.cache import cache_dir
+from em_interp.models.cards import WheelMember
 
 _CHUNK = 1 << 22
 

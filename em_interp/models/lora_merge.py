@@ -17,8 +17,8 @@ import json
 import logging
 from pathlib import Path
 
-from em_interp.cards import Card, Source
 from em_interp.errors import AdapterMismatchError
+from em_interp.models.cards import Card, Source
 
 log = logging.getLogger(__name__)
 
