@@ -21,7 +21,7 @@ def test_loading_modules_live_in_models_only(name):
 
 
 def test_nothing_imports_the_old_paths():
-    pattern = re.compile(r"em_interp\.(%s)\b" % "|".join(MOVED))
+    pattern = re.compile(r"em_interp\.(" + "|".join(MOVED) + r")\b")
     offenders = []
     for folder in ("em_interp", "tests", "benchmarks", "scripts", "notebooks", "docs"):
         for path in (ROOT / folder).rglob("*"):
