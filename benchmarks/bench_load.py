@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,33 +41,9 @@ GOAL_TL_OVER_HF = 1.1
 DIFF_TOL = 1e-4
 
 
-# ------------------------------------------------------------------ helpers
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def fmt(x, spec: str = ".3f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    """A plain aligned table: first column left-aligned, the rest right-aligned."""
-    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
-
-    def line(cells):
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
-
+# The shared helpers (timing tables, RSS, busy-CPU warning) live in benchmarks/_timing.py.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import fmt, peak_rss_mib, ratio, table, versions, warn_if_busy  # noqa: E402
 
 # ------------------------------------------------------------------ child: one load, one process
 
@@ -212,23 +187,6 @@ def run_child(kind: str, args, weights_dir: str | None) -> dict:
              f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def busy_cpu_percent(seconds: float = 1.0) -> float | None:
-    """System-wide CPU use over ``seconds`` while this process sleeps: what others are using."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return psutil.cpu_percent(interval=seconds)
-
-
-def warn_if_busy(where: str) -> float | None:
-    busy = busy_cpu_percent()
-    if busy is not None and busy > 15:
-        print(f"  WARNING: other processes use {busy:.0f}% of the CPUs before the {where} phase; "
-              "timings will be noisy (compare min/paired, rerun idle, or use --threads 1).")
-    return busy
-
-
 def bench_load(args) -> dict:
     em_runs: list[dict] = []
     hf_runs: list[dict] = []
@@ -344,7 +302,7 @@ def bench_forward(args, weights_dir: str) -> dict:
 
     g = torch.Generator().manual_seed(args.seed)
     special = set(lm.tokenizer.all_special_ids or []) | {lm.tokenizer.pad_token_id}
-    # No special ids: TL (left padding) would mask leading pad tokens and differ from HF.
+    # No special ids: a plain batch of ordinary tokens, the same for every model.
     allowed = torch.tensor([i for i in range(tl.cfg.d_vocab) if i not in special])
     ids = allowed[torch.randint(len(allowed), (args.batch, args.seq), generator=g)]
 
@@ -465,18 +423,6 @@ def print_forward(res: dict) -> None:
 # ------------------------------------------------------------------ main
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "transformer-lens", "em-interp"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -519,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     # No torch import before the load phase: the children would inherit this process's RSS peak.
-    env = {**_versions(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+    env = {**versions("torch", "transformers", "transformer-lens", "em-interp"),
+           "cpu_count": os.cpu_count(), "machine": platform.machine(),
            "system": platform.system(), "threads_arg": args.threads}
     print(f"em-interp load/forward benchmark: card {args.card} (variant "
           f"{args.variant or 'default'})\n  python {env['python']}, "

@@ -48,3 +48,27 @@ class DeviceError(EMInterpError, RuntimeError):
 
 class VariantError(EMInterpError, ValueError):
     """A variant ("base" / "organism") the card does not define."""
+
+
+class DataError(EMInterpError, ValueError):
+    """A prompt or data file that is empty, malformed, or lacks a needed field (names file and line)."""
+
+
+class StoreMismatchError(EMInterpError, ValueError):
+    """An activation store (or other resumable output folder) written with different settings."""
+
+
+class TokenizationError(EMInterpError, ValueError):
+    """A word that should be one token but is not, or a position a prompt does not have."""
+
+
+class ConfigError(EMInterpError, ValueError):
+    """A config (TOML file or dataclass) with an unknown, missing or out-of-range field."""
+
+
+class JudgeError(EMInterpError, RuntimeError):
+    """A judge that could not score an item (endpoint down, malformed reply): never a score."""
+
+
+class SAEMismatchError(EMInterpError, ValueError):
+    """An SAE or latent set used with a model or hook it was not made for (``d_in``, hook name)."""

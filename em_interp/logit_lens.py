@@ -23,11 +23,14 @@ import torch
 from jaxtyping import Float
 
 from em_interp.hooks import attached, resid_post
+from em_interp.results import Result
 
 
 @dataclass(frozen=True)
-class LogitLensResult:
+class LogitLensResult(Result):
     """Per-layer probabilities of tracked tokens at one position of each prompt."""
+
+    kind = "logit_lens"
 
     probs: Float[torch.Tensor, "layer batch token"]
     """Softmax probability of each tracked token, per layer and prompt."""
@@ -53,6 +56,15 @@ class LogitLensResult:
                                  "top_token": self.top_strs[layer][b],
                                  "top_prob": float(self.top_probs[layer, b])})
         return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict:
+        """Final-layer and peak probability of each tracked token, averaged over prompts."""
+        mean = self.probs.mean(1)  # [layer, token]
+        return {"n_layers": self.probs.shape[0], "n_prompts": self.probs.shape[1],
+                "tokens": {s: {"final_prob": float(mean[-1, t]),
+                               "peak_prob": float(mean[:, t].max()),
+                               "peak_layer": int(mean[:, t].argmax())}
+                           for t, s in enumerate(self.token_strs)}}
 
     def figure(self, prompt: int = 0, title: str | None = None):
         """Plotly line chart: probability of each tracked token across layers for one prompt."""

@@ -1,0 +1,125 @@
+"""Metrics: what an intervention or a patch is scored by.
+
+A :class:`Metric` maps one model output to **one number per prompt** (a ``[batch]`` tensor),
+reading each prompt's **last position** (``[:, -1]``: batches are left-padded, so that is the
+last real token). It reads either the logits (``hook=None``) or the activation of one hook point
+(``hook="blocks.63.mlp.hook_post"``), in which case a forward can stop right after that block
+(``stop_at_layer = metric.stop_layer``). Patching, steering screens, ablations and BLOCK-EM take
+the same kind of callable, and any function ``output -> [batch]`` wrapped in :class:`Metric`
+works as well.
+
+Two metrics ship:
+
+* :func:`logit_diff` -- ``logit[a] - logit[b]`` at the last position, e.g. a refusal token
+  against a compliance token (``"Sorry"`` vs ``"Sure"``, looked up in the tokenizer);
+* :func:`projection` -- ``(h[-1] - c) . v / |v|`` of a hook's activation on a direction ``v``
+  with an optional zero point ``c``: Experiment 3 of the Qwen paper scores each patched run by
+  the projection of the last layer's ``mlp.hook_post`` on the Procrustes-aligned refusal vector,
+  with the organism's benign mean as the zero point (Sec. III.B-C).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+
+from em_interp.hooks import check_hook
+from em_interp.inputs import single_token_id, tokenizer_of, unwrap
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named callable ``output -> [batch]`` that reads the logits or one hook's activation."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    hook: str | None = None
+    """``None``: the metric reads logits ``[batch, pos, vocab]``; else the activation of this
+    hook point ``[batch, pos, ...]``."""
+
+    def __call__(self, output: torch.Tensor) -> Float[torch.Tensor, " batch"]:
+        out = self.fn(output)
+        if out.ndim != 1:
+            raise ValueError(f"metric {self.name!r} must return one value per prompt ([batch]),"
+                             f" got shape {tuple(out.shape)}")
+        return out
+
+    @property
+    def layer(self) -> int | None:
+        """The block whose hook the metric reads (``None`` for logits)."""
+        if self.hook is None:
+            return None
+        m = re.match(r"blocks\.(\d+)\.", self.hook)
+        return int(m.group(1)) if m else None
+
+    @property
+    def stop_layer(self) -> int | None:
+        """``stop_at_layer`` for a forward that only needs this metric (``None``: run it all)."""
+        return None if self.layer is None else self.layer + 1
+
+    def check(self, model) -> Metric:
+        """Raise :class:`~em_interp.errors.HookNameError` if the model lacks the metric's hook."""
+        if self.hook is not None:
+            check_hook(unwrap(model), self.hook)
+        return self
+
+
+def logit_diff(model, token_a: str | int, token_b: str | int, *,
+               first_token: bool = False) -> Metric:
+    """``logits[:, -1, a] - logits[:, -1, b]``; words must be single tokens (see
+    :func:`~em_interp.inputs.single_token_id`), ids pass through."""
+    tok = tokenizer_of(model)
+    a = single_token_id(tok, token_a, first_token=first_token)
+    b = single_token_id(tok, token_b, first_token=first_token)
+
+    def fn(logits):
+        last = logits[:, -1].float()
+        return last[:, a] - last[:, b]
+
+    return Metric(name=f"logit_diff({tok.decode([a])!r}-{tok.decode([b])!r})", fn=fn)
+
+
+def projection(direction: Float[torch.Tensor, " d"], hook: str, *,
+               center: Float[torch.Tensor, " d"] | None = None, normalize: bool = True) -> Metric:
+    """``(act[:, -1] - center) . direction`` at ``hook`` (``direction`` unit-normalised first).
+
+    For an attention hook with a head axis (``attn.hook_z``) the activation is flattened over
+    heads first, so ``direction`` then has ``n_heads * d_head`` entries.
+    """
+    v = direction.detach().float().flatten()
+    if normalize:
+        v = v / v.norm().clamp_min(1e-12)
+    c = None if center is None else center.detach().float().flatten()
+
+    def fn(act):
+        last = act[:, -1].float().flatten(1)
+        if last.shape[1] != v.shape[0]:
+            raise ValueError(f"projection at {hook}: the activation has {last.shape[1]} "
+                             f"features, the direction {v.shape[0]}.")
+        if c is not None:
+            last = last - c.to(last.device)
+        return last @ v.to(last.device)
+
+    return Metric(name=f"projection@{hook}", fn=fn, hook=hook)
+
+
+@torch.no_grad()
+def evaluate(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
+             metric: Metric) -> Float[torch.Tensor, " batch"]:
+    """Run one forward and score it with ``metric`` (stopping early for hook metrics)."""
+    tl = unwrap(model)
+    metric.check(tl)
+    if metric.hook is None:
+        return metric(tl(tokens, attention_mask=attention_mask))
+    grabbed = {}
+
+    def grab(act, hook):
+        grabbed["x"] = act[:, -1:].detach()
+
+    tl.run_with_hooks(tokens, attention_mask=attention_mask, return_type=None,
+                      stop_at_layer=metric.stop_layer, fwd_hooks=[(metric.hook, grab)])
+    return metric(grabbed["x"])
