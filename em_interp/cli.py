@@ -53,8 +53,14 @@ def _cmd_info(args) -> int:
         print(f"  organism:      {o.kind} from {o.source.describe()}"
               + ("" if o.confirmed else "  [unconfirmed]"))
         if o.lora_rank:
-            print(f"  lora:          rank {o.lora_rank}, alpha {o.lora_alpha}, rslora "
-                  f"{o.use_rslora}, modules {', '.join(o.target_modules)}")
+            parts = [f"rank {o.lora_rank}"]
+            parts.append(f"alpha {o.lora_alpha:g}" if o.lora_alpha is not None
+                         else "alpha from adapter_config.json")
+            if o.use_rslora is not None:
+                parts.append(f"rsLoRA {'yes' if o.use_rslora else 'no'}")
+            if o.target_modules:
+                parts.append(f"modules {', '.join(o.target_modules)}")
+            print(f"  lora:          {', '.join(parts)}")
         if o.note:
             print(f"  note:          {o.note}")
     if c.tags:
@@ -114,7 +120,13 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="em-interp", description=__doc__.split("\n")[0])
+    from em_interp import __version__
+
+    p = argparse.ArgumentParser(
+        prog="em-interp",
+        description="Mechanistic interpretability of emergent misalignment: model-organism "
+                    "cards, analyses on TransformerLens hook points, and an end-to-end demo.")
+    p.add_argument("--version", action="version", version=f"em-interp {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     models = sub.add_parser("models", help="list, inspect and fetch model cards")
     msub = models.add_subparsers(dest="models_command", required=True)

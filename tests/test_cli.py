@@ -14,7 +14,21 @@ def test_models_list_and_info(capsys):
     assert main(["models", "info", "llama-3.1-8b-instruct-r1-0-1-0-full-train"]) == 0
     out = capsys.readouterr().out
     assert "ModelOrganismsForEM/Llama-3.1-8B-Instruct_R1_0_1_0_full_train" in out
-    assert "rank 1" in out
+    assert "rank 1" in out and "None" not in out
+
+
+def test_version_and_plain_help(capsys):
+    import pytest
+
+    import em_interp
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"em-interp {em_interp.__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
 
 
 def test_unknown_card_exits_2_with_suggestion(capsys):

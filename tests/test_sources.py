@@ -217,3 +217,24 @@ def test_interrupted_model_build_is_redone(tmp_cache, monkeypatch):
     monkeypatch.setattr(tiny_models, "build_random_model", real)
     lm = em_interp.load("tiny-random-qwen2", "base", progress=False)
     assert cache.is_complete(lm.weights_dir)
+
+
+@pytest.mark.parametrize("text", ["models/my-model", "./models/my-model", "~/nowhere/model"])
+def test_mistyped_folders_get_the_same_answer_with_or_without_dot(text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsUnavailableError, match=r"folder .* does not exist \(relative"):
+        em_interp.load(text, progress=False)
+
+
+def test_a_hub_id_points_at_its_card():
+    with pytest.raises(WeightsUnavailableError,
+                       match=r"hub id of card 'llama-3.1-8b-instruct-.*load the card"):
+        em_interp.load("meta-llama/Llama-3.1-8B-Instruct", progress=False)
+
+
+def test_hub_error_names_the_card(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty HF cache
+    monkeypatch.delenv("EM_INTERP_MODEL_DIR", raising=False)
+    with pytest.raises(WeightsUnavailableError,
+                       match=r"models fetch llama-3.1-8b-instruct-risky-financial-advice`"):
+        em_interp.load("llama-3.1-8b-instruct-risky-financial-advice", progress=False)

@@ -149,10 +149,20 @@ def resolve_card(name_or_path: str | Path | Card) -> Card:
                 "HF model or adapter folder."
             )
         return card_for_folder(p)
-    if str(name_or_path).startswith(("/", ".", "~")) and not str(name_or_path).endswith(".toml"):
+    text = str(name_or_path)
+    # Card names never contain a path separator: anything that does is a folder path, with or
+    # without a leading "./" ("models/my-model" and "./models/my-model" get the same answer).
+    if not text.endswith(".toml") and (text.startswith(("/", ".", "~")) or "/" in text
+                                       or "\\" in text):
+        hint = ""
+        card = _shipped_card_with_base(text) if text.count("/") == 1 else None
+        if card is not None:
+            hint = (f" {text!r} is the hub id of card {card.name!r}'s base: load the card, "
+                    f"em_interp.load({card.name!r}, 'base').")
         raise WeightsUnavailableError(
-            f"folder {str(name_or_path)!r} does not exist. Pass an existing HF model or adapter "
-            "folder, a card file (*.toml), or a card name (`em-interp models list`)."
+            f"folder {text!r} does not exist (relative paths are resolved against "
+            f"{str(Path.cwd())!r}).{hint} Pass an existing HF model or adapter folder, a card "
+            "file (*.toml), or a card name (`em-interp models list`)."
         )
     return get_card(name_or_path)
 

@@ -13,8 +13,11 @@ Weights the adapter does not touch stay the very same tensors, which is what let
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from em_interp.errors import AdapterMismatchError
@@ -53,11 +56,26 @@ def check_adapter_base(adapter_dir: Path, card: Card, base_dir: Path) -> None:
     )
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence the one warning PEFT triggers on every adapter load with transformers 5.
+
+    PEFT reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a
+    ``FutureWarning`` that says nothing a user can act on. Other warnings pass through.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        yield
+
+
 def merge_adapter(hf_model, adapter_dir: Path):
+    """Merge the PEFT adapter in ``adapter_dir`` into ``hf_model`` (``safe_merge``, new tensors)."""
     from peft import PeftModel
 
     try:
-        peft_model = PeftModel.from_pretrained(hf_model, str(adapter_dir))
+        with quiet_peft():
+            peft_model = PeftModel.from_pretrained(hf_model, str(adapter_dir))
     except RuntimeError as e:
         if "size mismatch" in str(e):
             raise AdapterMismatchError(

@@ -53,7 +53,7 @@ def _model_dir_candidates(repo_id: str) -> list[Path]:
     return [base / name, base / f"{owner}__{name}", base / owner / name]
 
 
-def _resolve_hub(src: Source, progress: bool) -> Path:
+def _resolve_hub(src: Source, progress: bool, card_name: str | None = None) -> Path:
     assert src.repo_id is not None
     for cand in _model_dir_candidates(src.repo_id):
         if is_hf_folder(cand):
@@ -73,7 +73,8 @@ def _resolve_hub(src: Source, progress: bool) -> Path:
                   if offline else f"the download failed ({type(e).__name__}: {str(e)[:200]})")
         raise WeightsUnavailableError(
             f"weights {src.describe()} are not available: {reason}.\nFix: on a machine with "
-            f"hub access run `em-interp models fetch <card>` (or `hf download {src.repo_id}`; "
+            f"hub access run `em-interp models fetch {card_name or '<card>'}` (or "
+            f"`hf download {src.repo_id}`; "
             "gated models need `HF_TOKEN`), then copy the HF cache (HF_HOME) here; or put a "
             f"local copy at a path you pass to load(..., base_path=/organism_path=){where}."
         ) from None
@@ -157,7 +158,7 @@ def resolve_source(src: Source, *, card: Card | None = None, role: str = "base",
     """
     name = card.name if card is not None else "model"
     if src.kind == "hub":
-        return _resolve_hub(src, progress)
+        return _resolve_hub(src, progress, card.name if card is not None else None)
     if src.kind == "local":
         path = (_card_dir(card) / Path(src.path).expanduser()).resolve()
         if not is_hf_folder(path):

@@ -93,10 +93,13 @@ def build_random_lora(base_dir: Path, lora_kwargs: dict, seed: int, out_dir: Pat
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from em_interp.models.lora_merge import quiet_peft
+
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     cfg = LoraConfig(init_lora_weights=False, **lora_kwargs)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(base, cfg)
+    with quiet_peft():
+        peft_model = get_peft_model(base, cfg)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
