@@ -251,6 +251,12 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
+def _skip_header(rows: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+    """Drop a shipped set's ``{"__meta__": ...}`` first line, so the public-format readers also
+    read the shipped files."""
+    return rows[1:] if rows and "__meta__" in rows[0][1] else rows
+
+
 def _read_shipped(path: Path) -> PromptSet:
     rows = _read_jsonl(path)
     if not rows or "__meta__" not in rows[0][1]:
@@ -328,7 +334,7 @@ def read_chat_jsonl(path: str | Path, *, name: str | None = None,
     conversation is ``extra["messages"]``. ``label`` gives every item that label.
     """
     path = Path(path)
-    rows = _read_jsonl(path)
+    rows = _skip_header(_read_jsonl(path))
     prompts, extra = [], []
     for lineno, obj in rows:
         if "messages" not in obj:
@@ -374,7 +380,7 @@ def read_labelled(path: str | Path, *, text_col: str = "text", label_col: str | 
                 raise DataError(f"{path}: no column {col!r}; the header has {header}. Pass "
                                 "text_col= / label_col=.")
     else:
-        rows = _read_jsonl(path)
+        rows = _skip_header(_read_jsonl(path))
     prompts, labels, split = [], [], []
     for lineno, obj in rows:
         text = obj.get(text_col)
