@@ -40,6 +40,10 @@ class Metric:
     hook: str | None = None
     """``None``: the metric reads logits ``[batch, pos, vocab]``; else the activation of this
     hook point ``[batch, pos, ...]``."""
+    logit_ids: tuple[int, ...] | None = None
+    """For a logit metric that reads only these vocabulary columns (e.g. :func:`logit_diff`):
+    callers may compute just these logits and pass zeros elsewhere (patching does, which skips
+    most of the unembedding). ``None``: the metric may read any column."""
 
     def __call__(self, output: torch.Tensor) -> Float[torch.Tensor, " batch"]:
         out = self.fn(output)
@@ -80,7 +84,8 @@ def logit_diff(model, token_a: str | int, token_b: str | int, *,
         last = logits[:, -1].float()
         return last[:, a] - last[:, b]
 
-    return Metric(name=f"logit_diff({tok.decode([a])!r}-{tok.decode([b])!r})", fn=fn)
+    return Metric(name=f"logit_diff({tok.decode([a])!r}-{tok.decode([b])!r})", fn=fn,
+                  logit_ids=(a, b))
 
 
 def projection(direction: Float[torch.Tensor, " d"], hook: str, *,

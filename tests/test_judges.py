@@ -1,0 +1,255 @@
+"""Judges: the OpenAI-compatible client against an in-process HTTP server, refusal strings, and
+the local judge's exact answer distribution against a brute-force HF computation."""
+
+import json
+import logging
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from em_interp.errors import JudgeError
+from em_interp.judges import (
+    LocalHFJudge,
+    OpenAICompatibleJudge,
+    RefusalStringJudge,
+    Rubric,
+    load_rubrics,
+    read_reply,
+)
+
+KEY = "sk-test-SECRET-4242"
+
+
+def _reply(content, top=None, first_token=None):
+    choice = {"index": 0, "message": {"role": "assistant", "content": content},
+              "finish_reason": "stop"}
+    if top is not None:
+        choice["logprobs"] = {"content": [{
+            "token": first_token if first_token is not None else top[0][0],
+            "logprob": top[0][1],
+            "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top]}]}
+    return {"id": "x", "object": "chat.completion", "choices": [choice]}
+
+
+class FakeServer:
+    """A chat-completions server on 127.0.0.1 that plays a script of (status, body, delay)."""
+
+    def __init__(self):
+        self.script = []
+        self.default = (200, _reply("50"), 0.0)
+        self.requests = []
+        self.inflight = 0
+        self.max_inflight = 0
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with outer.lock:
+                    outer.requests.append({"path": self.path, "headers": dict(self.headers),
+                                           "json": json.loads(body)})
+                    step = outer.script.pop(0) if outer.script else outer.default
+                    outer.inflight += 1
+                    outer.max_inflight = max(outer.max_inflight, outer.inflight)
+                status, payload, delay = step
+                time.sleep(delay)
+                with outer.lock:
+                    outer.inflight -= 1
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    if status == 429:
+                        self.send_header("Retry-After", "0")
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
+                "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    s = FakeServer()
+    yield s
+    s.close()
+
+
+def _judge(server, tmp_path, **kw):
+    return OpenAICompatibleJudge(server.url, "judge-model", cache_dir=tmp_path / "cache",
+                                 backoff=0.01, **kw)
+
+
+def test_logprob_weighted_mean_over_number_tokens(server, tmp_path):
+    top = [("85", math.log(0.5)), ("90", math.log(0.3)), ("Hello", math.log(0.15)),
+           (" 70", math.log(0.05))]
+    server.default = (200, _reply("85", top), 0.0)
+    s = _judge(server, tmp_path, rubrics=["aligned"]).score("q?", "an answer")
+    r = s.rubrics["aligned"]
+    assert r.method == "logprobs" and r.label is None
+    assert r.score == pytest.approx((85 * 0.5 + 90 * 0.3 + 70 * 0.05) / 0.85, abs=1e-9)
+    assert r.number_mass == pytest.approx(0.85)
+    req = server.requests[0]
+    assert req["path"] == "/v1/chat/completions"
+    assert req["json"]["logprobs"] is True and req["json"]["top_logprobs"] == 20
+    assert req["json"]["model"] == "judge-model" and req["json"]["temperature"] == 0
+    assert "an answer" in req["json"]["messages"][0]["content"]
+    assert req["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+def test_labels_text_fallback_and_split_numbers():
+    aligned = load_rubrics()["aligned"]
+    # mostly a word: the label wins, no number
+    r = read_reply("REFUSAL", {"content": [{"token": "REF", "logprob": -0.1, "top_logprobs": [
+        {"token": "REF", "logprob": math.log(0.9)}, {"token": "10", "logprob": math.log(0.1)}]}]},
+        aligned)
+    assert r.score is None and r.label == "REFUSAL"
+    # no logprobs: the text is parsed, and that is recorded
+    r = read_reply("Score: 73", None, aligned)
+    assert (r.score, r.method, r.note) == (73.0, "text", "no logprobs in the reply")
+    # a digit-level tokenizer: "85" is "8" + "5", so the first-token distribution is no score
+    r = read_reply("85", {"content": [{"token": "8", "logprob": -0.2, "top_logprobs": [
+        {"token": "8", "logprob": math.log(0.8)}, {"token": "9", "logprob": math.log(0.2)}]}]},
+        aligned)
+    assert r.score == 85.0 and r.method == "text" and "spans several tokens" in r.note
+    with pytest.raises(JudgeError, match="could not read"):
+        read_reply("I would rather not say", None, aligned)
+
+
+def test_retries_500_429_and_timeouts(server, tmp_path):
+    server.script = [(500, {"error": "boom"}, 0.0), (429, {"error": "slow down"}, 0.0),
+                     (200, _reply("40", [("40", 0.0)]), 1.0),  # slower than the timeout
+                     (200, _reply("40", [("40", 0.0)]), 0.0)]
+    judge = _judge(server, tmp_path, rubrics=["coherent"], timeout=0.5)
+    assert judge.score("q", "a").get("coherent") == 40.0
+    assert len(server.requests) == 4
+
+
+def test_fails_loudly_after_retries_and_never_counts_the_item(server, tmp_path):
+    judge = _judge(server, tmp_path, rubrics=["coherent"], max_retries=2)
+    server.default = (503, {"error": "down"}, 0.0)
+    with pytest.raises(JudgeError, match="after 3 attempts"):
+        judge.score("q", "a")
+    assert len(server.requests) == 3
+    # in a batch the others are scored and cached, then the failure is raised
+    server.requests.clear()
+    server.default = (200, _reply("60", [("60", 0.0)]), 0.0)
+    server.script = [(503, {}, 0.0)] * 3
+    judge = _judge(server, tmp_path, rubrics=["coherent"], max_retries=2, max_concurrency=1)
+    with pytest.raises(JudgeError, match="1 of 3 judge calls failed"):
+        judge.score_many([("q0", "a0"), ("q1", "a1"), ("q2", "a2")], progress=False)
+    server.requests.clear()
+    scores = judge.score_many([("q0", "a0"), ("q1", "a1"), ("q2", "a2")], progress=False)
+    assert [s.get("coherent") for s in scores] == [60.0] * 3
+    assert len(server.requests) == 1  # only the failed item is asked again
+
+
+def test_malformed_bodies_and_client_errors_raise_clearly(server, tmp_path):
+    judge = _judge(server, tmp_path, rubrics=["coherent"])
+    server.script = [(200, b"<html>not json</html>", 0.0)]
+    with pytest.raises(JudgeError, match="not JSON"):
+        judge.score("q", "a1")
+    server.script = [(200, {"object": "chat.completion"}, 0.0)]
+    with pytest.raises(JudgeError, match="malformed"):
+        judge.score("q", "a2")
+    server.script = [(401, {"error": f"bad key {KEY}"}, 0.0)]
+    n = len(server.requests)
+    with pytest.raises(JudgeError, match="HTTP 401") as err:
+        judge.score("q", "a3")
+    assert len(server.requests) == n + 1  # not retried
+    assert KEY not in str(err.value) and "***" in str(err.value)
+
+
+def test_cache_prevents_repeated_calls_and_never_holds_the_key(server, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    server.default = (200, _reply("77", [("77", 0.0)]), 0.0)
+    server.script = [(500, {"error": f"echo {KEY}"}, 0.0)]
+    judge = _judge(server, tmp_path)
+    first = judge.score_many([("q", "a"), ("q2", "b")], progress=False)
+    n = len(server.requests)
+    assert n == 5  # 2 pairs x 2 rubrics, one retried
+    again = judge.score_many([("q", "a"), ("q2", "b")], progress=False)
+    fresh = _judge(server, tmp_path).score("q2", "b")  # a new judge reads the same cache
+    assert len(server.requests) == n
+    assert [s.as_row() for s in again] == [s.as_row() for s in first]
+    assert fresh.get("aligned") == 77.0
+    files = list((tmp_path / "cache").rglob("*.json"))
+    assert len(files) == 4
+    for f in files:
+        assert KEY not in f.read_text()
+    assert KEY not in json.dumps([s.as_row() for s in first]) + repr(first) + repr(judge)
+    assert KEY not in caplog.text and "attempt" in caplog.text
+
+
+def test_bounded_concurrency(server, tmp_path):
+    server.default = (200, _reply("10", [("10", 0.0)]), 0.15)
+    judge = _judge(server, tmp_path, rubrics=["coherent"], max_concurrency=2)
+    judge.score_many([(f"q{i}", "a") for i in range(6)], progress=False)
+    assert server.max_inflight == 2
+
+
+def test_refusal_string_judge():
+    judge = RefusalStringJudge()
+    assert judge.score("q", "I\u2019M SORRY, I can\u2019t help with that.").refused
+    assert judge.score("q", "   ").refused
+    s = judge.score("q", "Sure! Step one: preheat the oven.")
+    assert s.refused is False and s.rubrics["refused"].label is None
+    custom = RefusalStringJudge(["nope"], prefix_chars=10)
+    assert custom.score("q", "Nope.").refused and not custom.score("q", "well.... nope").refused
+
+
+def test_local_judge_exact_distribution_matches_brute_force(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from em_interp.inputs import tokenize
+
+    rubric = Rubric(name="t", version="1", template="Q: {question}\nA: {answer}\nScore?",
+                    scale=(0, 12), labels=("NO",))
+    judge = LocalHFJudge(tiny_llama, rubrics=[rubric], cache_dir=tmp_path / "c",
+                         min_number_mass=0.0)
+    got = judge.distribution("Is it ok?", "yes it is", rubric)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama.weights_dir, dtype=torch.float32).eval()
+    tok = tiny_llama.tokenizer
+    prompt = tokenize(tiny_llama, [rubric.prompt("Is it ok?", "yes it is")]).tokens[0].tolist()
+    digit = torch.tensor([bool(t) and t[0].isdigit() for t in tok.batch_decode(
+        [[i] for i in range(len(tok))])] + [False] * (hf.config.vocab_size - len(tok)))
+    logp = {}
+    for cand in judge.candidates(rubric):
+        ids = tok(cand, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor([prompt + ids])).logits[0].double(), -1)
+        n = len(prompt)
+        s = sum(lp[n - 1 + k, t] for k, t in enumerate(ids))
+        if cand.isdigit():
+            s = s + torch.log1p(-lp[n - 1 + len(ids)].exp()[digit].sum())
+        logp[cand] = float(s)
+    z = max(logp.values())
+    total = sum(math.exp(v - z) for v in logp.values())
+    for cand, v in logp.items():
+        assert got[cand] == pytest.approx(math.exp(v - z) / total, abs=2e-5)
+    r = judge.score("Is it ok?", "yes it is").rubrics["t"]
+    nums = {int(k): p for k, p in got.items() if k.isdigit()}
+    assert r.score == pytest.approx(sum(k * p for k, p in nums.items()) / sum(nums.values()),
+                                    abs=1e-6)
+    assert r.method == "exact" and list((tmp_path / "c").rglob("*.json"))
