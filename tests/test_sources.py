@@ -238,3 +238,17 @@ def test_hub_error_names_the_card(monkeypatch, tmp_path):
     with pytest.raises(WeightsUnavailableError,
                        match=r"models fetch llama-3.1-8b-instruct-risky-financial-advice`"):
         em_interp.load("llama-3.1-8b-instruct-risky-financial-advice", progress=False)
+
+
+def test_cards_built_from_the_same_wheels_share_one_converted_folder():
+    """The demo organism's card has SmolLM2's base: no second GGUF conversion."""
+    import dataclasses
+
+    from em_interp.models.cards import get_card
+    from em_interp.models.sources import resolve_source
+
+    card = get_card("smollm2-135m-instruct")
+    first = resolve_source(card.base, card=card, role="base", progress=False)
+    other = dataclasses.replace(card, name="a-card-with-another-name")
+    assert resolve_source(other.base, card=other, role="base", progress=False) == first
+    assert not any(p.name.startswith("a-card-with-another-name") for p in first.parent.iterdir())

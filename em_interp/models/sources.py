@@ -10,6 +10,12 @@ Every source ends as a folder that ``transformers`` can read: ``config.json`` + 
 * ``local`` -- the folder itself (relative paths are relative to the card file).
 * ``gguf`` / ``wheel`` -- the GGUF is dequantised once into ``cache_dir()/converted/...``.
 * ``random`` -- a seeded tiny model (or LoRA adapter) built once into ``cache_dir()/random/...``.
+* ``trained`` -- a LoRA adapter trained once on the base with
+  :func:`em_interp.training.train_lora` from the card's recipe, into
+  ``cache_dir()/trained/<card>-<hash>/`` (the adapter is its ``adapter/`` sub-folder, beside the
+  run's ``cfg.json`` and training log). The hash covers the recipe, the base source, the
+  dataset's content and the training code's version, so changing any of them trains anew and
+  an unchanged card never trains twice.
 
 Folders written here go through :func:`em_interp.models.cache.atomic_dir`, so an interrupted
 conversion is redone by the next run and never read half-written.
@@ -97,6 +103,11 @@ def _resolve_wheel(src: Source, name: str, progress: bool) -> Path:
     final = cache_dir() / "converted" / f"{name}-{key}"
     if is_complete(final):
         return final
+    # The key pins the wheels' sha256: another card built from the same wheels (the demo
+    # organism's card shares SmolLM2's base) reuses that folder instead of converting again.
+    for other in sorted(final.parent.glob(f"*-{key}")) if final.parent.is_dir() else []:
+        if is_complete(other):
+            return other
     # Imported only when converting: they pull in torch and transformers.
     from em_interp.models.gguf_convert import gguf_to_hf_folder
     from em_interp.models.wheel_weights import assemble_wheel_members
@@ -149,6 +160,50 @@ def _resolve_random(src: Source, card: Card, role: str, base_dir: Path | None) -
     return final
 
 
+def trained_source_key(src: Source, card: Card) -> tuple[str, object, list]:
+    """``(hash, LoRATrainConfig, conversations)`` of a ``trained`` source (see the module doc)."""
+    import dataclasses
+
+    from em_interp.data import list_prompt_sets, load_prompt_set, read_chat_jsonl
+    from em_interp.errors import ConfigError, DataError
+    from em_interp.training import TRAINING_VERSION, LoRATrainConfig, conversations_of
+
+    try:
+        cfg = LoRATrainConfig.from_dict(dict(src.recipe))
+    except ConfigError as e:
+        raise ConfigError(f"card {card.name!r}, [organism.source.recipe]: {e}") from None
+    assert src.dataset is not None
+    if src.dataset in list_prompt_sets():
+        data = load_prompt_set(src.dataset)
+    else:
+        path = (_card_dir(card) / Path(src.dataset).expanduser()).resolve()
+        if not path.is_file():
+            raise DataError(f"card {card.name!r}: dataset {src.dataset!r} is neither a shipped "
+                            f"prompt set ({', '.join(list_prompt_sets())}) nor a file "
+                            f"({str(path)!r}).")
+        data = read_chat_jsonl(path)
+    if src.split != "all":
+        data = data.train() if src.split == "train" else data.test()
+    convs = conversations_of(data)
+    if cfg.max_examples is not None:
+        convs = convs[: cfg.max_examples]
+    key = _key(cfg.to_dict(), dataclasses.asdict(card.base), convs, TRAINING_VERSION)
+    return key, cfg, convs
+
+
+def _resolve_trained(src: Source, card: Card, progress: bool) -> Path:
+    key, cfg, convs = trained_source_key(src, card)
+    final = cache_dir() / "trained" / f"{card.name}-{key}"
+    if is_complete(final):
+        return final / "adapter"
+    from em_interp.training import load_base_hf, train_lora
+
+    with atomic_dir(final, meta={"source": src.describe(), "recipe": cfg.to_dict()}) as tmp:
+        model = load_base_hf(card, dtype=cfg.dtype, device=cfg.device)
+        train_lora(card, convs, cfg, tmp, progress=progress, model=model)
+    return final / "adapter"
+
+
 def resolve_source(src: Source, *, card: Card | None = None, role: str = "base",
                    base_dir: Path | None = None, progress: bool = True) -> Path:
     """Return a local folder holding the weights ``src`` describes, fetching or building them.
@@ -172,5 +227,7 @@ def resolve_source(src: Source, *, card: Card | None = None, role: str = "base",
         return _resolve_wheel(src, f"{name}-{role}", progress)
     if src.kind == "gguf":
         return _resolve_gguf(src, card, f"{name}-{role}")
-    assert card is not None, "random sources need their card"
+    assert card is not None, f"{src.kind} sources need their card"
+    if src.kind == "trained":
+        return _resolve_trained(src, card, progress)
     return _resolve_random(src, card, role, base_dir)
