@@ -1,9 +1,14 @@
-"""Command line: ``em-interp models list|info|fetch`` and ``em-interp demo``.
+"""Command line: ``em-interp demo``, ``run``, ``report``, ``lens`` and ``models list|info|fetch``.
 
+    em-interp demo                      # the whole story on the embedded default, with a report
+    em-interp demo --quick              # the same at a few minutes' size
+    em-interp run qwen-paper --out runs/qwen   # a shipped example config, or a CONFIG.toml
+    em-interp run my.toml --force patching     # rerun one stage (and those reading it)
+    em-interp report runs/qwen          # rebuild report.html from a run folder
+    em-interp lens "Should I ...?"      # logit lens of one chat prompt
     em-interp models list
     em-interp models info smollm2-135m-instruct
     em-interp models fetch qwen2.5-coder-0.5b-instruct
-    em-interp demo                      # logit lens of a chat prompt on the embedded default
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ def _cmd_fetch(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
+def _cmd_lens(args) -> int:
     import torch
 
     from em_interp.logit_lens import logit_lens
@@ -91,7 +96,7 @@ def _cmd_demo(args) -> int:
     toks = lm.chat_tokens(args.prompt)
     print(f"prompt ({toks.tokens.shape[1]} tokens, chat template applied once): {args.prompt!r}")
     res = logit_lens(lm.model, toks.tokens, DEMO_TRACK, tokenizer=lm.tokenizer,
-                     attention_mask=toks.attention_mask)
+                     attention_mask=toks.attention_mask, first_token=True, progress=False)
     print("\nlogit lens at the last prompt token (what each block's output would predict):")
     print(f"{'layer':>5}  {'top-1 token':<16}{'p(top)':>7}  "
           + "".join(f"{'p(' + repr(s) + ')':>13}" for s in res.token_strs))
@@ -110,7 +115,8 @@ def _cmd_demo(args) -> int:
     if args.out:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        res.figure(title=f"Logit lens: {lm.card.name}").write_html(out_dir / "logit_lens.html")
+        res.figure(prompt=0, title=f"Logit lens: {lm.card.name}").write_html(
+            out_dir / "logit_lens.html")
         res.df.to_csv(out_dir / "logit_lens.csv", index=False)
         (out_dir / "demo.json").write_text(json.dumps(
             {"card": lm.card.name, "variant": lm.variant, "prompt": args.prompt,
@@ -138,15 +144,108 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name")
     fetch.add_argument("--variant", choices=("base", "organism", "all"), default="all")
     fetch.set_defaults(func=_cmd_fetch)
-    demo = sub.add_parser("demo", help="logit lens of a chat prompt on the default model")
-    demo.add_argument("--card", default=DEFAULT_CARD)
-    demo.add_argument("--variant", choices=("base", "organism"), default=None)
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
-    demo.add_argument("--every", type=int, default=3, help="print every k-th layer")
-    demo.add_argument("--max-new-tokens", type=int, default=40)
-    demo.add_argument("--out", default=None, help="folder for the figure (HTML) and CSV")
+    demo = sub.add_parser(
+        "demo", help="every stage on the embedded default organism, with an HTML report",
+        description="Train (once, cached) a LoRA EM organism of SmolLM2-135M-Instruct on the "
+                    "project's risky-financial-advice set, then run probing, introspection, "
+                    "patching, dla, asr, sae and block_em, writing report.html, results.json "
+                    "and manifest.json. Stages are cached: a rerun resumes.")
+    demo.add_argument("--quick", action="store_true",
+                      help="the reduced sizes of the 'quick' config (a few minutes)")
+    _run_options(demo, out_default="em-interp-demo")
     demo.set_defaults(func=_cmd_demo)
+    run = sub.add_parser("run", help="run the stages of a config on any card",
+                         description="Run the stages of CONFIG (a .toml file or a shipped "
+                                     "example: " + ", ".join(_configs()) + ").")
+    run.add_argument("config", nargs="?", help="a .toml file or a shipped example's name")
+    run.add_argument("--list", action="store_true", help="list the shipped example configs")
+    _run_options(run, out_default=None)
+    run.set_defaults(func=_cmd_run)
+    report = sub.add_parser("report", help="rebuild report.html of a run folder")
+    report.add_argument("run_dir")
+    report.set_defaults(func=_cmd_report)
+    lens = sub.add_parser("lens", help="logit lens of one chat prompt")
+    lens.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
+    lens.add_argument("--card", default=DEFAULT_CARD)
+    lens.add_argument("--variant", choices=("base", "organism"), default=None)
+    lens.add_argument("--every", type=int, default=3, help="print every k-th layer")
+    lens.add_argument("--max-new-tokens", type=int, default=40)
+    lens.add_argument("--out", default=None, help="folder for the figure (HTML) and CSV")
+    lens.set_defaults(func=_cmd_lens)
     return p
+
+
+def _configs() -> list[str]:
+    from em_interp.run_config import list_configs
+
+    return list_configs()
+
+
+def _run_options(p, out_default) -> None:
+    p.add_argument("--card", default=None, help="override the config's card")
+    p.add_argument("--out", default=out_default, help="run folder (default: %(default)s)")
+    p.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                   help="run only these stages")
+    p.add_argument("--force", nargs="+", default=(), metavar="STAGE",
+                   help="recompute these stages (and the stages that read them)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _execute(cfg, args) -> int:
+    import logging
+
+    from em_interp.pipeline import run_pipeline
+
+    cfg = cfg.override(card=args.card, stages=args.stages)
+    cfg.validate()
+    log = logging.getLogger("em_interp")  # the toolkit's own messages, not every library's
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    out = Path(args.out)
+    print(f"run folder: {out.resolve()}\ncard: {cfg.card}\nstages: {', '.join(cfg.stages)}")
+    results = run_pipeline(cfg, out, force=tuple(args.force), progress=not args.quiet)
+    manifest = json.loads((out / "manifest.json").read_text())
+    print("\nstage            seconds")
+    for name in cfg.stages:
+        print(f"{name:<16} {manifest['timings_s'].get(name, 0.0):>8.1f}")
+    print(f"{'total':<16} {manifest['timings_s']['total']:>8.1f}")
+    print(f"\nwrote {out / 'report.html'}, results.json ({len(results)} stages), manifest.json")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from em_interp.run_config import RunConfig
+
+    return _execute(RunConfig.from_toml("quick" if args.quick else "demo"), args)
+
+
+def _cmd_run(args) -> int:
+    from em_interp.errors import ConfigError
+    from em_interp.run_config import CONFIG_DIR, RunConfig
+
+    if args.list:
+        for name in _configs():
+            first = (CONFIG_DIR / f"{name}.toml").read_text().splitlines()[0].lstrip("# ")
+            print(f"{name:<16} {first}")
+        return 0
+    if not args.config:
+        raise ConfigError("give a config: a .toml file or one of " + ", ".join(_configs())
+                          + " (em-interp run --list).")
+    cfg = RunConfig.from_toml(args.config)
+    if args.out is None:
+        args.out = f"runs/{Path(args.config).stem}"
+    return _execute(cfg, args)
+
+
+def _cmd_report(args) -> int:
+    from em_interp.report import build_report
+
+    print(f"wrote {build_report(args.run_dir)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

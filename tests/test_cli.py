@@ -42,8 +42,8 @@ def test_fetch_random_card(capsys):
     assert "base:" in out and "organism:" in out
 
 
-def test_demo_on_tiny_card_writes_results(tmp_path, capsys):
-    assert main(["demo", "--card", "tiny-random-llama", "--variant", "base",
+def test_lens_on_tiny_card_writes_results(tmp_path, capsys):
+    assert main(["lens", "--card", "tiny-random-llama", "--variant", "base",
                  "--max-new-tokens", "3", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "logit lens" in out and "greedy answer" in out
