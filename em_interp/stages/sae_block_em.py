@@ -89,8 +89,7 @@ def sae_of(ctx):
     """The SAE the ``sae`` stage trained or loaded (for the stages that read it)."""
     from em_interp.sae import load_sae
 
-    path = ctx.stage_info("sae")["summary"]["sae"]
-    return load_sae(path if not Path(path).is_dir() else str(path), model=ctx.pair.organism)
+    return load_sae(ctx.stage_info("sae")["summary"]["sae"], model=ctx.pair.organism)
 
 
 def block_em(ctx) -> StageOutput:
