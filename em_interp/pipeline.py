@@ -178,15 +178,13 @@ def run_pipeline(config, run_dir: str | Path, *, force: tuple[str, ...] = (),
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(stages)}.")
     ctx = RunContext(config, run_dir, progress=progress)
     started = time.perf_counter()
-    hashes: dict[str, str] = {}
     forced = set(force)
     summaries: dict[str, Any] = {}
     for name in config.stages:
         stage = stages[name]
-        upstream = {r: hashes.get(r) for r in stage.reads}
+        upstream = {r: ctx.hashes.get(r) for r in stage.reads}
         h = _hash({"stage": name, "config": config.stage_config(name),
                    "common": config.common(), "upstream": upstream})
-        hashes[name] = h
         ctx.hashes[name] = h
         stage_dir = run_dir / "stages" / name
         cached = is_complete(stage_dir) and ctx.stage_info(name).get("config_hash") == h
