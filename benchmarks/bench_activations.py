@@ -87,7 +87,7 @@ def child_rss(args, n: int) -> None:
     import torch
 
     from em_interp import hooks
-    from em_interp.activations import cache_activations
+    from em_interp.activations.cache import cache_activations
     from em_interp.inputs import token_batches
 
     lm = _setup(args)
@@ -147,7 +147,7 @@ def bench_throughput(args, lm) -> tuple[dict, str]:
     from transformers import AutoModelForCausalLM
 
     from em_interp import hooks
-    from em_interp.activations import cache_activations
+    from em_interp.activations.cache import cache_activations
     from em_interp.inputs import token_batches
 
     prompts = _prompts(args.n_prompts)
@@ -199,8 +199,8 @@ def bench_throughput(args, lm) -> tuple[dict, str]:
 
 
 def bench_probe(store_dir: str) -> dict:
-    from em_interp.activations import ActivationStore
-    from em_interp.probing import probe_layers
+    from em_interp.activations.cache import ActivationStore
+    from em_interp.representations.probing import probe_layers
 
     store = ActivationStore.open(store_dir)
     warn_if_busy("probing")

@@ -5,7 +5,7 @@ prompt set (default ``harmful``), chat-templated once and cut into the same left
 of ``--batch`` for every variant (tokenization is done once, before timing), the wall time of:
 
 * ``forward`` -- the baseline: ``model(tokens, attention_mask=mask)`` per batch (full logits);
-* ``dla`` -- ``em_interp.attribution.direct_logit_attribution`` over the same batches: per-head
+* ``dla`` -- ``em_interp.readouts.attribution.direct_logit_attribution`` over the same batches: per-head
   values from ``attn.hook_z`` and ``W_O``, no unembedding of the whole sequence;
 * ``fwd use_attn_result`` -- a forward with ``model.set_use_attn_result(True)``, which makes TL
   materialise every head's ``[batch, pos, head, d_model]`` output;
@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import em_interp
-    from em_interp.attribution import direct_logit_attribution
     from em_interp.data import load_prompt_set
     from em_interp.inputs import single_token_id, token_batches
+    from em_interp.readouts.attribution import direct_logit_attribution
 
     # TL logs "Tried to compute head results when they were already cached" on every
     # stack_head_results after a use_attn_result run_with_cache; it is expected here

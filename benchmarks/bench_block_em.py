@@ -2,7 +2,7 @@
 
 One run, one process, CPU fp32 by default, the card's HF model (default ``tiny-random-llama``;
 ``--card smollm2-135m-instruct`` for the real model). Every variant runs the same optimizer step
-as :func:`em_interp.training.train_lora` (regulariser hooks, forward, SFT loss on the assistant
+as :func:`em_interp.training.lora.train_lora` (regulariser hooks, forward, SFT loss on the assistant
 tokens, backward, clipping, AdamW) on the **same batch** of ``risky_financial_sft`` chats, on the
 same PEFT model (LoRA r 16 / alpha 32 on all 7 projections, the paper's recipe):
 
@@ -70,7 +70,7 @@ def build(args):
     from em_interp.block_em import LatentSet
     from em_interp.block_em.train import Block, BlockingRegularizer, KLRegularizer
     from em_interp.data import load_prompt_set
-    from em_interp.training import (
+    from em_interp.training.lora import (
         LoRATrainConfig,
         _peft_model,
         collate,

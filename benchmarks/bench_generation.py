@@ -6,7 +6,7 @@ CPU; every ratio is against HF ``generate`` measured in the same run (nothing as
 * **HF generate** -- ``AutoModelForCausalLM.generate`` on the left-padded chat-templated ids with
   their attention mask, ``do_sample=False``, ``eos_token_id=None`` (so every row runs to
   ``--new-tokens``), KV cache on. The baseline.
-* **em-interp, no hooks** -- ``em_interp.generation.generate(..., stop_at_eos=False)``.
+* **em-interp, no hooks** -- ``em_interp.behaviour.generation.generate(..., stop_at_eos=False)``.
 * **em-interp, hooks** -- the same under ``compose(ablate_heads(mean), steer(resid_post,
   positions="generated"))``: a mean ablation of two heads of a late layer plus a steering vector
   that only touches generated positions (the means are computed before timing).
@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import em_interp
     from em_interp import hooks
-    from em_interp.generation import generate
+    from em_interp.behaviour.generation import generate
+    from em_interp.behaviour.interventions import ablate_heads, compose, steer
     from em_interp.inputs import tokenize
-    from em_interp.interventions import ablate_heads, compose, steer
 
     if args.threads:
         torch.set_num_threads(args.threads)

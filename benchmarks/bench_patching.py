@@ -44,7 +44,7 @@ COMPONENTS = ("attn", "mlp", "resid")
 
 def _pairs(k: int, seed: int):
     from em_interp.data import load_prompt_set
-    from em_interp.patching import sample_pairs
+    from em_interp.patching.sweep import sample_pairs
 
     fin = load_prompt_set("financial")
     return sample_pairs(fin.where(1), fin.where(0), k, seed, name="risky -> benign")
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import em_interp
     from em_interp.metrics import logit_diff
-    from em_interp.patching import COMPONENTS as ORDER
-    from em_interp.patching import patch_sweep, plan_sweep
+    from em_interp.patching.sweep import COMPONENTS as ORDER
+    from em_interp.patching.sweep import patch_sweep, plan_sweep
 
     if args.threads:
         torch.set_num_threads(args.threads)

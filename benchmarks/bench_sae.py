@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import em_interp
     from em_interp import hooks
-    from em_interp.activations import cache_activations
+    from em_interp.activations.cache import cache_activations
     from em_interp.data import load_prompt_set
     from em_interp.hooks import check_layer
     from em_interp.sae import SAETrainConfig, encode, train_sae

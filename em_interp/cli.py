@@ -88,8 +88,8 @@ def _cmd_fetch(args) -> int:
 def _cmd_lens(args) -> int:
     import torch
 
-    from em_interp.logit_lens import logit_lens
     from em_interp.models.loading import load
+    from em_interp.readouts.logit_lens import logit_lens
 
     lm = load(args.card, args.variant)
     print(f"\nloaded {lm}")
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configs() -> list[str]:
-    from em_interp.run_config import list_configs
+    from em_interp.run.config import list_configs
 
     return list_configs()
 
@@ -194,7 +194,7 @@ def _run_options(p, out_default) -> None:
 def _execute(cfg, args) -> int:
     import logging
 
-    from em_interp.pipeline import run_pipeline
+    from em_interp.run.pipeline import run_pipeline
 
     cfg = cfg.override(card=args.card, stages=args.stages)
     cfg.validate()
@@ -218,14 +218,14 @@ def _execute(cfg, args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from em_interp.run_config import RunConfig
+    from em_interp.run.config import RunConfig
 
     return _execute(RunConfig.from_toml("quick" if args.quick else "demo"), args)
 
 
 def _cmd_run(args) -> int:
     from em_interp.errors import ConfigError
-    from em_interp.run_config import CONFIG_DIR, RunConfig
+    from em_interp.run.config import CONFIG_DIR, RunConfig
 
     if args.list:
         for name in _configs():
@@ -242,7 +242,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from em_interp.report import build_report
+    from em_interp.run.report import build_report
 
     print(f"wrote {build_report(args.run_dir)}")
     return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import itertools
+import re
 from collections.abc import Callable, Iterator, Sequence
 
 from em_interp.errors import HookNameError
@@ -85,6 +86,91 @@ def mlp_pre(layer: int) -> str:
 def mlp_post(layer: int) -> str:
     """MLP activation before ``down_proj`` ``[batch, pos, d_mlp]``."""
     return f"blocks.{layer}.mlp.hook_post"
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+# Per-position shape of a hook's activation, read from the config (``[batch, pos, *shape]``).
+_SHAPES: dict[str, tuple[str, ...]] = {
+    "hook_resid_pre": ("d_model",), "hook_resid_mid": ("d_model",),
+    "hook_resid_post": ("d_model",), "hook_attn_out": ("d_model",),
+    "hook_mlp_out": ("d_model",), "hook_embed": ("d_model",),
+    "ln_final.hook_normalized": ("d_model",), "mlp.hook_pre": ("d_mlp",),
+    "mlp.hook_post": ("d_mlp",), "mlp.hook_pre_linear": ("d_mlp",),
+    "attn.hook_z": ("n_heads", "d_head"), "attn.hook_q": ("n_heads", "d_head"),
+    "attn.hook_result": ("n_heads", "d_model"),
+}
+
+
+def layer_of(name: str) -> int | None:
+    """The block index of a per-block hook name, ``None`` for a top-level hook.
+
+    ``layer_of("blocks.12.mlp.hook_post") == 12``; ``layer_of("hook_embed") is None``.
+    """
+    m = _BLOCK.match(name)
+    return int(m.group(1)) if m else None
+
+
+def leaf(name: str) -> str:
+    """The per-block part of a hook name: ``"blocks.3.attn.hook_z"`` -> ``"attn.hook_z"``."""
+    return name.split(".", 2)[-1] if layer_of(name) is not None else name
+
+
+def unit_shape(model, name: str) -> tuple[int, ...] | None:
+    """Per-position shape of the activation at ``name`` from the model's config (``(d_model,)``,
+    ``(n_heads, d_head)`` for ``attn.hook_z``), or ``None`` for a hook the table does not know."""
+    dims = _SHAPES.get(leaf(name))
+    if dims is None:
+        return None
+    cfg = getattr(model, "cfg", model)
+    return tuple(int(getattr(cfg, d)) for d in dims)
+
+
+def width(model, name: str, *, flatten_heads: bool = True) -> int:
+    """Width of the activation at ``name``: its last axis, or heads x d_head for per-head hooks
+    when ``flatten_heads``. From the config where :func:`unit_shape` knows the hook; otherwise a
+    one-token forward stopped after the hook's block measures it."""
+    shape = unit_shape(model, name)
+    if shape is None:
+        import torch
+
+        seen = {}
+
+        def grab(act, hook):
+            seen["shape"] = tuple(act.shape[2:]) if act.ndim > 2 else tuple(act.shape[-1:])
+
+        layer = layer_of(name)
+        tok = torch.zeros((1, 1), dtype=torch.long, device=model.cfg.device)
+        with torch.no_grad(), attached(model, [(name, grab)]):
+            model(tok, return_type=None, stop_at_layer=None if layer is None else layer + 1)
+        shape = seen["shape"]
+    if flatten_heads:
+        out = 1
+        for d in shape:
+            out *= d
+        return int(out)
+    return int(shape[-1])
+
+
+class Placed:
+    """A constant tensor for hooks, copied once per ``(device, dtype)`` it meets.
+
+    A hook on a model spread over several GPUs (``n_devices``), or run in bf16 and fp32, sees
+    activations on several devices and dtypes; ``placed.like(act)`` returns the matching copy,
+    made on first use and reused after, instead of moving the tensor at every call.
+    """
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self._copies: dict[tuple, object] = {}
+
+    def like(self, act):
+        """The tensor on ``act``'s device, in ``act``'s dtype."""
+        key = (act.device, act.dtype)
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = self.tensor.to(act.device, act.dtype)
+        return copy
 
 
 def check_layer(model, layer: int) -> int:

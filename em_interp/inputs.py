@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float, Int
 
 from em_interp.errors import DataError, TokenizationError
-from em_interp.models.chat import ChatTokens, chat_tokens
+from em_interp.models.chat import ChatTokens, chat_tokens, left_pad, pad_id
 
 Reduce = Literal["last", "mean", "none"]
 
@@ -99,22 +99,11 @@ def as_prompt_list(prompts) -> list:
 
 def _plain_tokens(tokenizer, texts: list[str]) -> ChatTokens:
     rows = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-    return _left_pad(tokenizer, rows, texts)
-
-
-def _left_pad(tokenizer, rows: list[list[int]], texts: list[str]) -> ChatTokens:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     if any(len(r) == 0 for r in rows):
         raise DataError("a prompt tokenized to no tokens; remove empty prompts.")
-    width = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        tokens[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ChatTokens(tokens=tokens, attention_mask=mask, texts=texts)
+    return left_pad(rows, pad_id(tokenizer), texts=texts)
+
+
 
 
 def _from_tensors(tokens: torch.Tensor, mask: torch.Tensor | None) -> ChatTokens:
@@ -208,6 +197,29 @@ def token_batches(model, prompts, batch_size: int, *, chat: bool = True,
     for s in range(start, stop, batch_size):
         e = min(s + batch_size, stop)
         yield Batch(s, tokenize(model, items[s:e], chat=chat, system=system, device=device))
+
+
+def batch_list(model, prompts, attention_mask, batch_size: int, chat: bool = True,
+               system: str | None = None) -> list[Batch]:
+    """:func:`token_batches` as a list, accepting a separate ``attention_mask`` for a token tensor."""
+    if torch.is_tensor(prompts) and attention_mask is not None:
+        prompts = (prompts, attention_mask)
+    elif attention_mask is not None:
+        raise DataError("attention_mask goes with a token tensor; text prompts and ChatTokens "
+                        "carry their own mask.")
+    return list(token_batches(model, prompts, batch_size, chat=chat, system=system))
+
+
+def left_align(ct: ChatTokens) -> ChatTokens:
+    """Move right- or mixed-padded rows to the left, so ``[:, -1]`` is the last real token."""
+    mask = ct.attention_mask.bool()
+    if bool(mask[:, -1].all()):
+        return ct
+    width = mask.shape[1]
+    last = (mask * torch.arange(width, device=mask.device)).argmax(-1)
+    shift = width - 1 - last
+    idx = (torch.arange(width, device=mask.device)[None] - shift[:, None]) % width
+    return ChatTokens(ct.tokens.gather(1, idx), ct.attention_mask.gather(1, idx), ct.texts)
 
 
 def prompts_hash(prompts, *, chat: bool = True, system: str | None = None) -> str:

@@ -20,14 +20,13 @@ Two metrics ship:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
 
-from em_interp.hooks import check_hook
+from em_interp.hooks import check_hook, layer_of
 from em_interp.inputs import single_token_id, tokenizer_of, unwrap
 
 
@@ -55,10 +54,7 @@ class Metric:
     @property
     def layer(self) -> int | None:
         """The block whose hook the metric reads (``None`` for logits)."""
-        if self.hook is None:
-            return None
-        m = re.match(r"blocks\.(\d+)\.", self.hook)
-        return int(m.group(1)) if m else None
+        return None if self.hook is None else layer_of(self.hook)
 
     @property
     def stop_layer(self) -> int | None:

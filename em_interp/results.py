@@ -19,7 +19,7 @@ fields and writes ``df``, ``figure`` and ``to_dict``:
   keys) and goes to ``result.json``; tuples come back as tuples when the field's default or
   annotation says so, lists otherwise.
 
-The folder is written atomically (:func:`em_interp.models.cache.atomic_dir`): a reader never sees
+The folder is written atomically (:func:`em_interp.atomic.atomic_dir`): a reader never sees
 half a result. ``result.json`` records the class, so :func:`load_result` reopens any saved result
 without knowing its type.
 """
@@ -120,7 +120,7 @@ class Result:
 
     def save(self, out_dir: str | Path) -> Path:
         """Write the result to ``out_dir`` (JSON + safetensors, atomically); return the folder."""
-        from em_interp.models.cache import atomic_dir
+        from em_interp.atomic import atomic_dir
 
         out_dir = Path(out_dir)
         with atomic_dir(out_dir, meta={"type": _qualname(type(self))}) as tmp:

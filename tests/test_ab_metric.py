@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from em_interp import hooks
-from em_interp.ab_metric import ABResult, ab_margins, ab_metric, as_pairs
+from em_interp.behaviour.ab_metric import ABResult, ab_margins, ab_metric, as_ab_pairs
+from em_interp.behaviour.interventions import steer
 from em_interp.data import PromptSet
 from em_interp.inputs import tokenize
-from em_interp.interventions import steer
 from em_interp.results import load_result
 
 PAIRS = [("Should I invest my savings?", "Spread it out and keep an emergency fund.",
@@ -92,7 +92,7 @@ def test_result_statistics_and_roundtrip(tiny_llama, tmp_path):
 
     ps = PromptSet(name="ab", prompts=tuple(q for q, _, _ in PAIRS),
                    extra=tuple({"aligned": a, "misaligned": m} for _, a, m in PAIRS))
-    assert as_pairs(ps) == PAIRS
+    assert as_ab_pairs(ps) == PAIRS
     res = ab_metric(tiny_llama, ps)
     m = res.margins.double()
     lo, hi = t.interval(0.95, len(m) - 1, loc=float(m.mean()),

@@ -14,10 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from em_interp import activation_store as store_mod
-from em_interp import activations as act_mod
 from em_interp import hooks
-from em_interp.activations import ActivationStore, cache_activations, disk_estimate, human_bytes
+from em_interp.activations import cache as act_mod
+from em_interp.activations import store as store_mod
+from em_interp.activations.cache import (
+    ActivationStore,
+    cache_activations,
+    disk_estimate,
+    human_bytes,
+)
 from em_interp.data import PromptSet
 from em_interp.errors import ConfigError, DataError, HookNameError, StoreMismatchError
 from em_interp.models.chat import chat_tokens
@@ -103,7 +108,7 @@ KILL_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     import em_interp
     from em_interp import hooks
-    from em_interp.activations import cache_activations
+    from em_interp.activations.cache import cache_activations
 
     mode, out = sys.argv[1], sys.argv[2]
     lm = em_interp.load("tiny-random-llama", "base", progress=False)
@@ -252,13 +257,13 @@ def test_forward_stops_after_the_deepest_hook(tiny_llama, tmp_path):
 
 def test_memory_is_one_batch_of_rows(tiny_llama, tmp_path, monkeypatch):
     sizes = []
-    real = store_mod._ShardWriter.write
+    real = store_mod.ShardWriter.write
 
     def spy(self, name, row, rows):
         sizes.append(rows.shape[0])
         return real(self, name, row, rows)
 
-    monkeypatch.setattr(store_mod._ShardWriter, "write", spy)
+    monkeypatch.setattr(store_mod.ShardWriter, "write", spy)
     prompts = [f"question {i} " + "a " * (i % 5) for i in range(40)]
     store = cache_activations(tiny_llama, prompts, HOOKS, tmp_path, batch_size=4, shard_size=12,
                               progress=False)
@@ -274,7 +279,7 @@ def test_manifest_labels_dtype_and_disk_arithmetic(tiny_llama, tmp_path, caplog)
     ps = PromptSet(name="toy", prompts=tuple(f"p{i} " * (i + 1) for i in range(6)),
                    labels=(1, 0, 1, 0, 1, 0), split=("train",) * 4 + ("test",) * 2,
                    groups=tuple("aabbcc"), label_names={0: "benign", 1: "risky"})
-    with caplog.at_level("INFO", logger="em_interp.activations"):
+    with caplog.at_level("INFO", logger="em_interp.activations.cache"):
         store = cache_activations(tiny_llama, ps, HOOKS, tmp_path / "f", batch_size=4,
                                   progress=False)
     m = store.manifest

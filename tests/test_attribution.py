@@ -10,9 +10,9 @@ from scipy import stats
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import em_interp
-from em_interp.attribution import DLAResult, direct_logit_attribution
 from em_interp.errors import TokenizationError
 from em_interp.inputs import tokenize
+from em_interp.readouts.attribution import DLAResult, direct_logit_attribution
 
 PROMPTS = ["hi", "what is a bond?", "tell me a joke about cats, please"]
 A, B = ord("a"), ord("e")

@@ -15,7 +15,7 @@ from em_interp.block_em import (
     DiscoveryConfig,
     LatentSet,
     activation_shifts,
-    discover,
+    discover_latents,
     steer_scale,
 )
 from em_interp.errors import DataError, SAEMismatchError, StoreMismatchError
@@ -128,13 +128,13 @@ class Counting(ABBehaviour):
 
 
 def test_discover_stages_selection_and_resume(tiny_llama, organism, sae, pairs, tmp_path):
-    from em_interp.interventions import steer
+    from em_interp.behaviour.interventions import steer
     from em_interp.sae import decoder_directions
 
     cfg = DiscoveryConfig(n_candidates=2, shortlist=1, grid=(0.0, 0.5, 1.5), n_latents=2,
                           require="none", tau=0.5, batch_size=4)
     measure = Counting(pairs)
-    res = discover(tiny_llama, organism, sae, PROMPTS, measure, tmp_path, cfg, progress=False)
+    res = discover_latents(tiny_llama, organism, sae, PROMPTS, measure, tmp_path, cfg, progress=False)
     for part in ("manifest.json", "stage1/result.json", "stage2/result.json",
                  "stage3/result.json", "latent_set.json"):
         assert (tmp_path / part).is_file()
@@ -173,17 +173,17 @@ def test_discover_stages_selection_and_resume(tiny_llama, organism, sae, pairs, 
     ls.check(sae)
     # a rerun resumes: nothing is steered again
     calls = Counting.calls
-    again = discover(tiny_llama, organism, sae, PROMPTS, Counting(pairs), tmp_path, cfg,
+    again = discover_latents(tiny_llama, organism, sae, PROMPTS, Counting(pairs), tmp_path, cfg,
                      progress=False)
     assert Counting.calls == calls and again.latents.indices == res.latents.indices
     assert [lat.score for lat in again.latents.latents] == pytest.approx(
         [lat.score for lat in res.latents.latents])
     # an interrupted stage 3 resumes from its partial file
     shutil.rmtree(tmp_path / "stage3")
-    again = discover(tiny_llama, organism, sae, PROMPTS, Counting(pairs), tmp_path, cfg,
+    again = discover_latents(tiny_llama, organism, sae, PROMPTS, Counting(pairs), tmp_path, cfg,
                      progress=False)
     assert Counting.calls == calls and again.latents.indices == ls.indices
     with pytest.raises(StoreMismatchError, match="config"):
-        discover(tiny_llama, organism, sae, PROMPTS, measure, tmp_path,
+        discover_latents(tiny_llama, organism, sae, PROMPTS, measure, tmp_path,
                  dataclasses.replace(cfg, tau=0.2), progress=False)
     assert res.figure().layout.title.text and res.stage3.figure().layout.title.text

@@ -11,7 +11,7 @@ from em_interp.block_em import LatentSet, block_loss, kl_to_base, reference_hidd
 from em_interp.block_em.loss import capture_layers, check_layers, hf_layer_of_hook
 from em_interp.block_em.train import BlockingRegularizer, KLRegularizer
 from em_interp.errors import ConfigError, SAEMismatchError
-from em_interp.training import collate, load_base_hf, sft_logits, tokenize_sft
+from em_interp.training.lora import collate, load_base_hf, sft_logits, tokenize_sft
 
 CONVS = [
     [{"role": "user", "content": "What should I do with $5,000?"},

@@ -11,7 +11,7 @@ import em_interp
 from em_interp.block_em import LatentSet
 from em_interp.block_em.sweep import EvalConfig, Sweep, lambda_sweep, main
 from em_interp.errors import ConfigError, StoreMismatchError
-from em_interp.training import LoRATrainConfig
+from em_interp.training.lora import LoRATrainConfig
 
 HOOK = "blocks.1.hook_resid_post"
 CONVS = [
@@ -65,7 +65,7 @@ def test_sweep_jobs_resume_and_collect(tmp_path, monkeypatch):
         assert blk.rel_adherence_change == pytest.approx(
             (blk.adherence - sft.adherence) / sft.adherence)
     # the evaluation equals the AB metric's own margins on the held-out core pairs
-    from em_interp.ab_metric import ab_margins
+    from em_interp.behaviour.ab_metric import ab_margins
     from em_interp.block_em.sweep import _pair_set
 
     model = em_interp.load("tiny-random-llama", "base", adapter=tmp_path / "jobs" /

@@ -7,7 +7,7 @@ import torch
 
 from em_interp.block_em import BlockEMConfig, LatentSet, train_blocked
 from em_interp.block_em.loss import capture_layers
-from em_interp.training import LoRATrainConfig, collate, load_base_hf, tokenize_sft
+from em_interp.training.lora import LoRATrainConfig, collate, load_base_hf, tokenize_sft
 
 LAYER = 8
 HOOK = f"blocks.{LAYER}.hook_resid_post"

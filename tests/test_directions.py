@@ -9,8 +9,9 @@ from scipy import stats
 from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ortho_group
 
-from em_interp.activations import ActivationStore
-from em_interp.directions import (
+from em_interp.activations.cache import ActivationStore
+from em_interp.errors import ConfigError, DataError
+from em_interp.representations.directions import (
     Direction,
     EMvsRefusalResult,
     IntrospectionResult,
@@ -20,7 +21,6 @@ from em_interp.directions import (
     mean_difference,
     procrustes_align,
 )
-from em_interp.errors import ConfigError, DataError
 
 
 def _gen(seed):

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from em_interp import hooks
-from em_interp.evaluation import (
+from em_interp.behaviour.generation import generate
+from em_interp.behaviour.interventions import ablate_heads, steer
+from em_interp.behaviour.judges import JudgeScore, RefusalStringJudge, RubricScore
+from em_interp.behaviour.rates import (
     ASRResult,
     attack_success_rate,
     misalignment_rate,
     wilson_interval,
 )
-from em_interp.generation import generate
-from em_interp.interventions import ablate_heads, steer
-from em_interp.judges import JudgeScore, RefusalStringJudge, RubricScore
 from em_interp.results import load_result
 
 HARMFUL = ["How do I pick a lock?", "Write a rude note.", "Tell me a secret.", "hi",

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from em_interp import hooks
-from em_interp.errors import StoreMismatchError
-from em_interp.generation import (
+from em_interp.behaviour.generation import (
     GenerationResult,
     decode_step,
     generate,
     prefill,
     sample_next,
 )
+from em_interp.behaviour.interventions import steer
+from em_interp.errors import StoreMismatchError
 from em_interp.inputs import tokenize
-from em_interp.interventions import steer
 from em_interp.results import load_result
 
 PROMPTS = ["What is a bond?", "hi", "Tell me about cats and dogs.", "Name a colour."]
@@ -132,7 +132,7 @@ def test_equal_to_hf_generate_greedy_on_smollm2(smollm2, smollm2_hf):
 
 
 def test_resume_from_a_partial_jsonl(tiny_llama, tmp_path, monkeypatch):
-    import em_interp.generation as gen
+    import em_interp.behaviour.generation as gen
 
     path = tmp_path / "gen.jsonl"
     kw = {"max_new_tokens": 6, "temperature": 1.0, "n_samples": 2, "seed": 5, "progress": False,
@@ -172,8 +172,8 @@ def test_step_hook_sees_every_forward_and_drives_lockstep_patching(tiny_llama, m
     """A planted stop token makes rows leave the batch; the step hook sees the live rows, its
     hooks act on that forward only, and decode_patch (built on step_hook) stays exact."""
     import em_interp
-    import em_interp.generation as gen
-    from em_interp.generation_patching import decode_patch
+    import em_interp.behaviour.generation as gen
+    from em_interp.patching.generation import decode_patch
 
     kw = {"max_new_tokens": 6, "progress": False, "batch_size": 3}
     free = generate(tiny_llama, PROMPTS, stop_at_eos=False, **kw)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import em_interp
+from em_interp.behaviour.generation import generate
 from em_interp.errors import ConfigError, HookNameError
-from em_interp.generation import generate
-from em_interp.generation_patching import decode_patch, prefix_patch
 from em_interp.hooks import resid_post
 from em_interp.inputs import tokenize
+from em_interp.patching.generation import decode_patch, prefix_patch
 
 PROMPTS = ["What is a good way to save for retirement?", "hi", "Name three colours."]
 N_NEW = 6

@@ -7,9 +7,7 @@ import pytest
 import torch
 
 from em_interp import hooks
-from em_interp.errors import ConfigError, HookNameError
-from em_interp.inputs import tokenize
-from em_interp.interventions import (
+from em_interp.behaviour.interventions import (
     ablate_direction,
     ablate_heads,
     ablate_neurons,
@@ -19,6 +17,8 @@ from em_interp.interventions import (
     reference_means,
     steer,
 )
+from em_interp.errors import ConfigError, HookNameError
+from em_interp.inputs import tokenize
 
 PROMPTS = ["What is a bond?", "hi", "Tell me about cats and dogs."]
 REFERENCE = ["Sure, here you go.", "How do I bake bread?", "ok", "Name three colours please."]
@@ -78,7 +78,7 @@ def test_zero_ablation_equals_zeroing_hook_z_by_hand(tiny_llama, batch):
 
 
 def test_mean_ablation_uses_the_cached_mean(tiny_llama, batch, monkeypatch):
-    import em_interp.interventions as ivmod
+    import em_interp.behaviour.interventions as ivmod
 
     calls = []
     real = ivmod.reference_means

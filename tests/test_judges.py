@@ -11,8 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from em_interp.errors import JudgeError
-from em_interp.judges import (
+from em_interp.behaviour.judges import (
     LocalHFJudge,
     OpenAICompatibleJudge,
     RefusalStringJudge,
@@ -20,6 +19,7 @@ from em_interp.judges import (
     load_rubrics,
     read_reply,
 )
+from em_interp.errors import JudgeError
 
 KEY = "sk-test-SECRET-4242"
 

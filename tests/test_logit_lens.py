@@ -13,7 +13,7 @@ from scipy import stats
 from em_interp import hooks
 from em_interp.errors import ConfigError, TokenizationError
 from em_interp.inputs import single_token_id, tokenize
-from em_interp.logit_lens import LogitLensResult, logit_lens, read_positions, token_id
+from em_interp.readouts.logit_lens import LogitLensResult, logit_lens, read_positions, token_id
 
 
 def test_last_layer_is_the_model_and_middle_layers_are_manual(smollm2):
@@ -118,7 +118,7 @@ def test_conditions_give_one_result_per_condition(tiny_llama):
     assert torch.equal(by["add@0"].probs, by["add@0 again"].probs)  # re-entered: same numbers
     assert torch.allclose(by["zero L1H1"].probs[-1], zeroed[:, track], atol=1e-6)
     # the toolkit's own intervention gives the same numbers as the hand-written hook
-    from em_interp.interventions import ablate_heads
+    from em_interp.behaviour.interventions import ablate_heads
 
     via_iv = logit_lens(tiny_llama, prompts, track, batch_size=2, progress=False,
                         conditions={"iv": ablate_heads(tiny_llama, [(1, 1)], mode="zero")})

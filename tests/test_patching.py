@@ -13,13 +13,13 @@ import torch
 from scipy import stats
 from transformer_lens import patching as tlp
 
-from em_interp import patching as P
-from em_interp import patching_fine as F
 from em_interp.errors import ConfigError, DataError, StoreMismatchError, TokenizationError
 from em_interp.hooks import mlp_post, resid_post
 from em_interp.inputs import tokenize
 from em_interp.metrics import logit_diff, projection
-from em_interp.patching_results import (
+from em_interp.patching import fine as F
+from em_interp.patching import sweep as P
+from em_interp.patching.results import (
     NeuronPatchingResult,
     SweepResult,
     plot_forward_reverse,
@@ -62,7 +62,7 @@ def test_sample_pairs_distinct_seeded_and_reversible():
     with pytest.raises(DataError, match="36 distinct pairs"):
         P.sample_pairs(a, b, 36)
     with pytest.raises(DataError):
-        P.Pairs.from_lists(a, b)
+        P.PromptPairs.from_lists(a, b)
 
 
 # ------------------------------------------------------------------ agreement
@@ -226,7 +226,7 @@ def test_right_padded_token_tensors_equal_text(tiny_llama, metric, sweep):
             tok[i, :len(r)], mask[i, :len(r)] = r, 1
         return tok, mask
 
-    r = P.patch_sweep(tiny_llama, P.Pairs.from_lists(right_padded(SRC), right_padded(DST)),
+    r = P.patch_sweep(tiny_llama, P.PromptPairs.from_lists(right_padded(SRC), right_padded(DST)),
                       metric, batch_size=3, progress=False)
     torch.testing.assert_close(r.deltas, sweep.deltas, atol=1e-5, rtol=0)
 
@@ -254,7 +254,7 @@ def _planted_pairs(n=6, seed=0):
         for i, t in enumerate(group):
             tok[i, w - len(t):], mask[i, w - len(t):] = t, 1
         rows.append((tok, mask))
-    return P.Pairs.from_lists(rows[0], rows[1], name="marked -> plain")
+    return P.PromptPairs.from_lists(rows[0], rows[1], name="marked -> plain")
 
 
 @pytest.fixture(scope="module")

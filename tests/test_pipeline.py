@@ -12,9 +12,9 @@ import pytest
 
 from em_interp.cli import main
 from em_interp.errors import ConfigError, UnknownCardError
-from em_interp.pipeline import run_pipeline
-from em_interp.run_config import STAGE_NAMES, RunConfig, list_configs
-from em_interp.stages import STAGES
+from em_interp.run.config import STAGE_NAMES, RunConfig, list_configs
+from em_interp.run.pipeline import run_pipeline
+from em_interp.run.stages import STAGES
 
 TINY = {
     "run": {"card": "tiny-random-llama", "stages": list(STAGES), "batch_size": 8,

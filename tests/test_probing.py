@@ -18,10 +18,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from em_interp import hooks
-from em_interp.activations import ActivationStore, cache_activations
+from em_interp.activations.cache import ActivationStore, cache_activations
 from em_interp.data import load_prompt_set
 from em_interp.errors import ConfigError, DataError, StoreMismatchError
-from em_interp.probing import ProbeResult, pca_figure, probe_layers, wilson_interval
+from em_interp.representations.probing import ProbeResult, pca_figure, probe_layers, wilson_interval
 
 N, D, L = 240, 24, 8
 TEMPLATE = "blocks.{layer}.mlp.hook_post"

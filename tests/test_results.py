@@ -95,7 +95,7 @@ def test_json_safe_converts_numbers():
 
 
 def test_logit_lens_result_follows_the_contract(tmp_path, tiny_llama):
-    from em_interp.logit_lens import LogitLensResult, logit_lens
+    from em_interp.readouts.logit_lens import LogitLensResult, logit_lens
 
     ct = tiny_llama.chat_tokens(["hi", "hello there"])
     res = logit_lens(tiny_llama.model, ct.tokens, [ord("a"), ord("b")],

@@ -9,10 +9,10 @@ import pytest
 import torch
 from scipy import stats
 
+from em_interp.behaviour.interventions import ablate_heads
 from em_interp.data import PromptSet
 from em_interp.errors import DataError
 from em_interp.inputs import tokenize
-from em_interp.interventions import ablate_heads
 from em_interp.results import load_result
 from em_interp.sae import (
     FeatureAnalysis,

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from em_interp.errors import DataError, SAEMismatchError, WeightsUnavailableError
+from em_interp.hooks import width as hook_width
 from em_interp.sae import check_sae, load_sae, save_sae
-from em_interp.sae.load import goodfire_pth_loader, hook_width
+from em_interp.sae.load import goodfire_pth_loader
 
 D_IN, D_SAE = 64, 256  # tiny-random-llama has d_model 64
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from em_interp import hooks
+from em_interp.behaviour.interventions import ablate_heads, compose, generated_positions
 from em_interp.errors import ConfigError
 from em_interp.inputs import tokenize
-from em_interp.interventions import ablate_heads, compose, generated_positions
 from em_interp.sae import splice_sae
 
 HOOK = "blocks.1.hook_resid_post"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from em_interp.activations import ActivationStore
+from em_interp.activations.cache import ActivationStore
 from em_interp.errors import ConfigError, DataError, StoreMismatchError
 from em_interp.sae import (
     SAETrainConfig,

@@ -12,8 +12,8 @@ import torch
 from conftest import PROMPTS, hf_model
 
 import em_interp
-from em_interp import ChecksumError, VariantError, WeightsUnavailableError
-from em_interp.models import cache, sources, wheel_weights
+from em_interp import ChecksumError, VariantError, WeightsUnavailableError, atomic
+from em_interp.models import sources, wheel_weights
 from em_interp.models.cards import Source, WheelMember, get_card
 
 
@@ -184,7 +184,7 @@ def test_variant_errors():
 def test_interrupted_write_leaves_nothing_that_reads_as_done(tmp_cache, monkeypatch):
     final = tmp_cache / "converted" / "thing"
     with pytest.raises(KeyboardInterrupt):
-        with cache.atomic_dir(final) as tmp:
+        with atomic.atomic_dir(final) as tmp:
             (tmp / "config.json").write_text("{}")
             raise KeyboardInterrupt
     assert not final.exists() and not list(final.parent.glob(".thing.partial-*"))
@@ -194,10 +194,10 @@ def test_interrupted_write_leaves_nothing_that_reads_as_done(tmp_cache, monkeypa
     # A final folder without the marker (e.g. copied by hand mid-way) is not complete.
     final.mkdir()
     (final / "config.json").write_text("{half")
-    assert not cache.is_complete(final)
-    with cache.atomic_dir(final) as tmp:
+    assert not atomic.is_complete(final)
+    with atomic.atomic_dir(final) as tmp:
         (tmp / "config.json").write_text("{}")
-    assert cache.is_complete(final) and (final / "config.json").read_text() == "{}"
+    assert atomic.is_complete(final) and (final / "config.json").read_text() == "{}"
     assert not stale.exists()
 
 
@@ -216,7 +216,7 @@ def test_interrupted_model_build_is_redone(tmp_cache, monkeypatch):
     assert not list((tmp_cache / "random").glob("tiny-random-qwen2-base-*"))
     monkeypatch.setattr(tiny_models, "build_random_model", real)
     lm = em_interp.load("tiny-random-qwen2", "base", progress=False)
-    assert cache.is_complete(lm.weights_dir)
+    assert atomic.is_complete(lm.weights_dir)
 
 
 @pytest.mark.parametrize("text", ["models/my-model", "./models/my-model", "~/nowhere/model"])

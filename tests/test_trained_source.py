@@ -11,7 +11,8 @@ import em_interp
 from em_interp.errors import CardError, ConfigError
 from em_interp.models.cards import parse_card
 from em_interp.models.loading import resolve_card
-from em_interp.models.sources import resolve_source, trained_source_key
+from em_interp.models.sources import resolve_source
+from em_interp.training.source import trained_source_key
 
 TINY = Path(__file__).resolve().parent.parent / "adapters" / "tiny-random-llama.toml"
 
@@ -62,7 +63,7 @@ def test_trained_source_trains_once_and_loads(tmp_path, cache, monkeypatch):
     log = json.loads((adapter.parent / "cfg.json").read_text())
     assert log["n_examples"] == len(CHATS) and log["lora"]["max_steps"] == 2
     # the second resolve finds the cache and does not train
-    import em_interp.training as training
+    import em_interp.training.lora as training
 
     def boom(*a, **k):
         raise AssertionError("trained again")
@@ -126,7 +127,7 @@ def test_card_errors(tmp_path):
 
 
 def test_shipped_risky_financial_card():
-    from em_interp.training import LoRATrainConfig
+    from em_interp.training.lora import LoRATrainConfig
 
     card = resolve_card("smollm2-135m-instruct-risky-financial")
     src = card.organism.source

@@ -1,4 +1,4 @@
-"""LoRA SFT (em_interp.training): the assistant-only mask against the chat template's text, the
+"""LoRA SFT (em_interp.training.lora): the assistant-only mask against the chat template's text, the
 loss against HF's own ``labels`` loss, the lr schedule against ``transformers``', the saved adapter
 through the loader against PEFT's unmerged model, and LoRA direction tracking on planted
 checkpoints and on a real rank-1 run."""
@@ -12,8 +12,7 @@ import torch
 
 import em_interp
 from em_interp.errors import ConfigError, DataError, TokenizationError
-from em_interp.lora_tracking import lora_directions
-from em_interp.training import (
+from em_interp.training.lora import (
     LoRATrainConfig,
     assistant_token_mask,
     collate,
@@ -22,6 +21,7 @@ from em_interp.training import (
     tokenize_sft,
     train_lora,
 )
+from em_interp.training.tracking import lora_directions
 
 CONVS = [
     [{"role": "user", "content": "What should I do with $5,000?"},

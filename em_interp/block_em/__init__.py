@@ -9,7 +9,7 @@ Ustaomeroglu & Qu, "BLOCK-EM: Preventing Emergent Misalignment by Blocking Causa
 * :mod:`~em_interp.block_em.loss` -- the one-sided blocking loss (eq. 11), the base reference
   from the disabled adapter, the KL baseline;
 * :mod:`~em_interp.block_em.train` -- blocked / KL fine-tuning on the one LoRA SFT loop of
-  :mod:`em_interp.training`;
+  :mod:`em_interp.training.lora`;
 * :mod:`~em_interp.block_em.sweep` -- lambda sweeps as resumable on-disk jobs, their evaluation
   and the paper's trade-off (Fig. 7) and per-epoch (Fig. 8) figures.
 
@@ -23,7 +23,7 @@ from em_interp.block_em.discovery import (
     Latent,
     LatentSet,
     activation_shifts,
-    discover,
+    discover_latents,
     steer_scale,
 )
 from em_interp.block_em.loss import block_loss, kl_to_base, reference_hidden, sae_latents
@@ -52,7 +52,7 @@ __all__ = [
     "LatentSet",
     "activation_shifts",
     "block_loss",
-    "discover",
+    "discover_latents",
     "kl_to_base",
     "reference_hidden",
     "sae_latents",

@@ -30,7 +30,7 @@ Given a base model, its misaligned organism, an SAE at the blocking layer and a 
 ``mis`` and ``incoherence`` come from a pluggable :class:`~em_interp.block_em.measures.
 BehaviourMeasure`: the AB metric on CPU, judges on generations on a GPU host.
 
-:func:`discover` writes each stage into its folder before the next begins (``stage1/``,
+:func:`discover_latents` writes each stage into its folder before the next begins (``stage1/``,
 ``stage2/``, ``stage3/``; stages 2 and 3 also append one line per latent to
 ``stage*.partial.jsonl``), and a rerun resumes from what is there; a folder written with other
 models, SAE, prompts, measure or settings is refused (:class:`~em_interp.errors.
@@ -58,9 +58,9 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from em_interp.atomic import atomic_write_bytes
 from em_interp.errors import ConfigError, DataError, SAEMismatchError, StoreMismatchError
 from em_interp.inputs import describe_model, n_prompts, prompts_hash
-from em_interp.models.cache import atomic_write_bytes
 from em_interp.results import Result, json_safe
 
 log = logging.getLogger(__name__)
@@ -461,7 +461,7 @@ class DiscoveryConfig:
 
 
 def _steer(model, hook: str, sae, k: int, alpha: float, s: float):
-    from em_interp.interventions import steer
+    from em_interp.behaviour.interventions import steer
     from em_interp.sae.encode import decoder_directions
 
     d = decoder_directions(sae, [k], normalize=True)[0]
@@ -668,7 +668,7 @@ def _identity(base, organism, sae, prompts, measure, cfg: DiscoveryConfig) -> di
                       "measure": measure.describe(), "config": cfg.to_dict()})
 
 
-def discover(base, organism, sae, prompts, measure, out_dir: str | Path,
+def discover_latents(base, organism, sae, prompts, measure, out_dir: str | Path,
              cfg: DiscoveryConfig | None = None, *, scale_prompts=None,
              sae_source: str | None = None, progress: bool = True) -> DiscoveryResult:
     """Run stages 1-3, writing each stage to ``out_dir`` before the next; resume a rerun.
@@ -756,7 +756,7 @@ __all__ = [
     "VARIANTS",
     "activation_shifts",
     "calibrate",
-    "discover",
+    "discover_latents",
     "fingerprint",
     "screen",
     "select",

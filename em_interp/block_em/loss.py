@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from em_interp.errors import ConfigError, SAEMismatchError
-from em_interp.training import decoder_layers
+from em_interp.training.lora import decoder_layers
 
 
 class _StopForward(Exception):

@@ -6,7 +6,7 @@ the discovery (:mod:`em_interp.block_em.discovery`) and the sweeps' evaluation
 (:mod:`em_interp.block_em.sweep`) take any measure.
 
 :class:`ABBehaviour` (the CPU default, no judge) reads the AB metric
-(:mod:`em_interp.ab_metric`): per pair the margin ``lp(misaligned) - lp(aligned)`` (mean
+(:mod:`em_interp.behaviour.ab_metric`): per pair the margin ``lp(misaligned) - lp(aligned)`` (mean
 per-token log-probabilities). Its misalignment score is
 
 * ``mode="fraction"`` -- the fraction of pairs whose margin is positive (a rate, as the paper's
@@ -20,13 +20,14 @@ below the unsteered model's. Steering toward misalignment lowers ``lp_a`` but ra
 so a behaviour shift does not count; generic degradation lowers both. The incoherence rate is
 the fraction of such pairs, with BLOCK-EM's budget ``tau = 10%`` (App. A.4, B.2).
 
-:class:`JudgeBehaviour` generates answers (:func:`em_interp.generation.generate`) and scores them
-with a judge (:mod:`em_interp.judges`): misalignment, incoherence and refusal rates from
-:func:`em_interp.evaluation.misalignment_rate` -- the paper's protocol, for GPU hosts.
+:class:`JudgeBehaviour` generates answers (:func:`em_interp.behaviour.generation.generate`) and scores them
+with a judge (:mod:`em_interp.behaviour.judges`): misalignment, incoherence and refusal rates from
+:func:`em_interp.behaviour.rates.misalignment_rate` -- the paper's protocol, for GPU hosts.
 """
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -55,11 +56,12 @@ class Behaviour:
                 "refusal": self.refusal, **self.extra}
 
 
-class BehaviourMeasure:
+class BehaviourMeasure(abc.ABC):
     """A behaviour measure bound to its prompts: ``measure(model, interventions) -> Behaviour``."""
 
+    @abc.abstractmethod
     def __call__(self, model, interventions=None) -> Behaviour:
-        raise NotImplementedError
+        """Measure ``model`` under ``interventions`` on the bound prompts."""
 
     def describe(self) -> dict:
         """JSON-safe identity (kind, prompts, settings), recorded with the results."""
@@ -82,20 +84,20 @@ class ABBehaviour(BehaviourMeasure):
 
     def __init__(self, pairs, *, mode: Literal["soft", "fraction"] = "soft",
                  temperature: float = 0.25, drop: float = 1.0, batch_size: int = 8):
-        from em_interp.ab_metric import as_pairs
+        from em_interp.behaviour.ab_metric import as_ab_pairs
 
         if mode not in ("soft", "fraction"):
             raise ConfigError(f"ABBehaviour mode must be 'soft' or 'fraction', got {mode!r}.")
         if temperature <= 0 or drop <= 0:
             raise ConfigError("ABBehaviour temperature and drop must be > 0.")
-        self.pairs = as_pairs(pairs)
+        self.pairs = as_ab_pairs(pairs)
         self.name = getattr(pairs, "name", "pairs")
         self.mode, self.temperature, self.drop = mode, float(temperature), float(drop)
         self.batch_size = batch_size
         self._baseline: dict[int, torch.Tensor] = {}
 
     def _logprobs(self, model, interventions) -> torch.Tensor:
-        from em_interp.ab_metric import answer_logprobs
+        from em_interp.behaviour.ab_metric import answer_logprobs
 
         qs = [q for q, _, _ in self.pairs for _ in (0, 1)]
         ans = [x for _, a, m in self.pairs for x in (a, m)]
@@ -140,7 +142,7 @@ class JudgeBehaviour(BehaviourMeasure):
     """Generations scored by a judge (the paper's protocol; see the module docstring).
 
     Args:
-        judge: an :class:`em_interp.judges.Judge` with the ``aligned`` + ``coherent`` (or the
+        judge: an :class:`em_interp.behaviour.judges.Judge` with the ``aligned`` + ``coherent`` (or the
             ``severity``) rubrics.
         prompts: the questions (strings or a ``PromptSet``).
         n_samples: answers per question (the EM convention: 50 at temperature 1).
@@ -157,8 +159,8 @@ class JudgeBehaviour(BehaviourMeasure):
         self.temperature, self.seed, self.batch_size = temperature, seed, batch_size
 
     def __call__(self, model, interventions=None) -> Behaviour:
-        from em_interp.evaluation import misalignment_rate
-        from em_interp.generation import generate
+        from em_interp.behaviour.generation import generate
+        from em_interp.behaviour.rates import misalignment_rate
 
         gen = generate(model, self.prompts, max_new_tokens=self.max_new_tokens,
                        temperature=self.temperature, n_samples=self.n_samples, seed=self.seed,

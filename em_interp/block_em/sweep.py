@@ -10,7 +10,7 @@ evaluates the final adapter (and, with ``per_epoch``, the adapter after every ep
 without is trained again. Lambda 0 is one plain-SFT job per seed, the reference of both methods.
 
 **Evaluation** (BLOCK-EM Sec. 4.1; the judge-free CPU version through the AB metric,
-:mod:`em_interp.ab_metric`): each model is loaded with ``em_interp.load(card, "base",
+:mod:`em_interp.behaviour.ab_metric`): each model is loaded with ``em_interp.load(card, "base",
 adapter=...)`` and scored on
 
 * the held-out **core** pairs (``ab_pairs`` test split, ``general`` group): EM rate = fraction of
@@ -22,7 +22,7 @@ adapter=...)`` and scored on
 
 :meth:`Sweep.collect` gathers a tidy table with, per method, variant and seed, the relative EM
 reduction ``(EM_0 - EM_lambda) / EM_0`` and relative adherence change ``(Ad_lambda - Ad_0) /
-Ad_0`` against that seed's lambda-0 run; :class:`SweepResult` draws the BLOCK-EM-vs-KL trade-off
+Ad_0`` against that seed's lambda-0 run; :class:`LambdaSweepResult` draws the BLOCK-EM-vs-KL trade-off
 (Fig. 7), EM and incoherence against lambda (Fig. 4) and EM per epoch (Fig. 8).
 """
 
@@ -42,8 +42,8 @@ from typing import Any, ClassVar
 
 import pandas as pd
 
+from em_interp.atomic import atomic_write_bytes
 from em_interp.errors import ConfigError, DataError, StoreMismatchError
-from em_interp.models.cache import atomic_write_bytes
 from em_interp.results import Result, json_safe
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def _pair_set(cfg: EvalConfig, group: str):
 def _logprobs(model, items, batch_size: int):
     import torch
 
-    from em_interp.ab_metric import answer_logprobs
+    from em_interp.behaviour.ab_metric import answer_logprobs
 
     qs = [q for q, _, _ in items for _ in (0, 1)]
     ans = [x for _, a, m in items for x in (a, m)]
@@ -118,10 +118,10 @@ def evaluate_model(model, cfg: EvalConfig, base_logprobs: dict | None = None) ->
     """
     import torch
 
-    from em_interp.ab_metric import answer_logprobs, as_pairs
+    from em_interp.behaviour.ab_metric import answer_logprobs, as_ab_pairs
 
-    core = as_pairs(_pair_set(cfg, cfg.core_group))
-    dom = as_pairs(_pair_set(cfg, cfg.domain_group))
+    core = as_ab_pairs(_pair_set(cfg, cfg.core_group))
+    dom = as_ab_pairs(_pair_set(cfg, cfg.domain_group))
     lc, ld = _logprobs(model, core, cfg.batch_size), _logprobs(model, dom, cfg.batch_size)
     mc, md = lc[:, 1] - lc[:, 0], ld[:, 1] - ld[:, 0]
     out = {"em_rate": float((mc > 0).float().mean()), "mean_margin": float(mc.mean()),
@@ -191,7 +191,7 @@ def run_job(job_dir: str | Path, *, progress: bool = True) -> dict:
     from em_interp.block_em.train import BlockEMConfig, train_blocked
     from em_interp.data import read_chat_jsonl
     from em_interp.sae.load import load_sae
-    from em_interp.training import LoRATrainConfig
+    from em_interp.training.lora import LoRATrainConfig
 
     job_dir = Path(job_dir)
     done = job_dir / "eval.json"
@@ -277,8 +277,8 @@ class Sweep:
                                f"{[f.name for f in failed]}; see their output and rerun.")
         return self
 
-    def collect(self) -> SweepResult:
-        """The finished jobs' numbers as a :class:`SweepResult`."""
+    def collect(self) -> LambdaSweepResult:
+        """The finished jobs' numbers as a :class:`LambdaSweepResult`."""
         rows = []
         for j in self.jobs:
             path = j / "eval.json"
@@ -293,7 +293,7 @@ class Sweep:
                              "final_loss_ema": doc["train"]["final_loss_ema"], **e})
         if not rows:
             raise DataError(f"no finished job in {str(self.folder)!r}; run the sweep first.")
-        return SweepResult(table=_relative(pd.DataFrame(rows)))
+        return LambdaSweepResult(table=_relative(pd.DataFrame(rows)))
 
 
 def _relative(t: pd.DataFrame) -> pd.DataFrame:
@@ -328,7 +328,7 @@ def lambda_sweep(out_dir: str | Path, card: str, dataset, *, lambdas: Sequence[f
         lambdas: BLOCK-EM strengths (lambda 0 is always run once per seed, as plain SFT).
         kl_lambdas: KL-baseline strengths.
         seeds: training seeds.
-        lora: the :class:`~em_interp.training.LoRATrainConfig` (its seed is replaced per job).
+        lora: the :class:`~em_interp.training.lora.LoRATrainConfig` (its seed is replaced per job).
         blocks: ``(sae, latent_set)`` pairs; an SAE object is saved to ``out_dir/sae_<i>``, a
             latent set to ``out_dir/latent_set_<i>.json``; paths are used as they are.
         variants: latent-set ablations to run for every BLOCK-EM lambda.
@@ -342,7 +342,7 @@ def lambda_sweep(out_dir: str | Path, card: str, dataset, *, lambdas: Sequence[f
     """
     from em_interp.block_em.discovery import VARIANTS, LatentSet
     from em_interp.sae.load import save_sae
-    from em_interp.training import LoRATrainConfig, conversations_of
+    from em_interp.training.lora import LoRATrainConfig, conversations_of
 
     out = Path(out_dir).resolve()
     (out / "jobs").mkdir(parents=True, exist_ok=True)
@@ -407,7 +407,7 @@ def lambda_sweep(out_dir: str | Path, card: str, dataset, *, lambdas: Sequence[f
 
 
 @dataclass(frozen=True)
-class SweepResult(Result):
+class LambdaSweepResult(Result):
     """A sweep's tidy table: one row per (job, evaluated epoch)."""
 
     kind: ClassVar[str] = "block_em_sweep"
@@ -493,5 +493,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["EvalConfig", "Sweep", "SweepJob", "SweepResult", "evaluate_model", "lambda_sweep",
+__all__ = ["EvalConfig", "Sweep", "SweepJob", "LambdaSweepResult", "evaluate_model", "lambda_sweep",
            "run_job"]

@@ -1,6 +1,6 @@
 """BLOCK-EM fine-tuning and the KL baseline: regularisers plugged into the one LoRA SFT loop.
 
-:func:`train_blocked` runs :func:`em_interp.training.train_lora` with
+:func:`train_blocked` runs :func:`em_interp.training.lora.train_lora` with
 
 * :class:`BlockingRegularizer` -- ``lambda * L_block`` (eq. 11, :func:`~.loss.block_loss`) at one
   or more blocking layers. Per micro-batch the base latents come from the same PEFT model with its
@@ -16,7 +16,7 @@
 Ablations (App. D.1, E.1) are :meth:`~.discovery.LatentSet.variant` of the latent set
 (``plus_only``, ``minus_only``, ``shuffled_signs``, ``random``, ``top_delta``); several blocking
 layers are several ``(sae, latent_set)`` blocks. Per-step logs (in the run's
-:class:`~em_interp.training.LoRATrainResult`): ``loss`` / ``loss_ema`` (SFT), ``block_loss``
+:class:`~em_interp.training.lora.LoRATrainResult`): ``loss`` / ``loss_ema`` (SFT), ``block_loss``
 (unweighted ``L_block`` summed over blocks), ``kl``.
 """
 
@@ -43,7 +43,7 @@ from em_interp.block_em.loss import (
     sae_latents,
 )
 from em_interp.errors import ConfigError
-from em_interp.training import (
+from em_interp.training.lora import (
     LoRATrainConfig,
     LoRATrainResult,
     Regularizer,
@@ -245,7 +245,7 @@ def train_blocked(card_or_loaded, dataset, lora: LoRATrainConfig | None = None,
     Args:
         card_or_loaded: the base model's card (or base ``Loaded``), as for ``train_lora``.
         dataset: the SFT data (a ``PromptSet`` of chats, a shipped set's name, a JSONL file).
-        lora: the LoRA recipe (:class:`~em_interp.training.LoRATrainConfig`).
+        lora: the LoRA recipe (:class:`~em_interp.training.lora.LoRATrainConfig`).
         cfg: the :class:`BlockEMConfig` (method, lambda, variant, freezing, reference).
         out_dir: the run folder (see ``train_lora``).
         blocks: ``(sae, latent_set)`` pairs (a latent set may be a path to its JSON file), one
@@ -253,10 +253,10 @@ def train_blocked(card_or_loaded, dataset, lora: LoRATrainConfig | None = None,
         shifts: stage-1 :class:`~.discovery.ActivationShifts` (for ``variant="top_delta"``).
         progress: show a progress bar.
         model: ``(card, base_dir, hf_model, tokenizer)`` from
-            :func:`~em_interp.training.load_base_hf`, to reuse a loaded HF model.
+            :func:`~em_interp.training.lora.load_base_hf`, to reuse a loaded HF model.
 
     Returns:
-        The run's :class:`~em_interp.training.LoRATrainResult` (``block_loss`` / ``kl`` logged).
+        The run's :class:`~em_interp.training.lora.LoRATrainResult` (``block_loss`` / ``kl`` logged).
     """
     lora = lora or LoRATrainConfig()
     cfg = cfg or BlockEMConfig()

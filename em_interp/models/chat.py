@@ -91,15 +91,34 @@ def chat_tokens(
             ids = ids[1:]  # a template that writes BOS on top of one already written
         texts.append(text)
         rows.append(ids)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return left_pad(rows, pad_id(tokenizer), texts=texts, device=device)
+
+
+def pad_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS, else 0 (never attended)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int, *, texts: Sequence[str] | None = None,
+             device: str | torch.device | None = None) -> ChatTokens:
+    """Token-id rows -> one left-padded batch with its mask, so ``[:, -1]`` is each last token.
+
+    The one padding routine of the toolkit (re-exported as :func:`em_interp.inputs.left_pad`).
+    An empty row is refused: it would be a prompt the model never sees.
+    """
+    if not rows:
+        raise ValueError("no rows to pad.")
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("a prompt tokenized to no tokens; remove empty prompts.")
     width = max(len(r) for r in rows)
     tokens = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        tokens[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        tokens[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
         mask[i, width - len(r):] = 1
     if device is not None:
         tokens, mask = tokens.to(device), mask.to(device)
-    return ChatTokens(tokens=tokens, attention_mask=mask, texts=texts)
+    return ChatTokens(tokens=tokens, attention_mask=mask,
+                      texts=list(texts) if texts is not None else [""] * len(rows))

@@ -178,7 +178,7 @@ def _torch_dtype(dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _check_architecture(card: Card, folder: Path) -> None:
+def check_architecture(card: Card, folder: Path) -> None:
     """Compare the card's [architecture] with ``folder/config.json`` before any weight loads."""
     got = _architecture_of(json.loads((folder / "config.json").read_text()), str(folder))
     want = card.architecture
@@ -379,7 +379,7 @@ def load(
         full_org = variant == "organism" and not plan.organism_is_lora
         full_dir = plan.organism_dir if full_org else plan.base_dir
         assert full_dir is not None
-        _check_architecture(card, full_dir)
+        check_architecture(card, full_dir)
         hf = _load_hf(full_dir, card.architecture.n_layers, torch_dtype, devices,
                       trust_remote_code)
         lora_dirs = ((plan.organism_dir,) if plan.organism_is_lora else ()) + plan.adapters
@@ -430,7 +430,7 @@ def load_pair(name_or_path: str | Path | Card, *, share_weights: bool = True,
     processing = {k: kwargs.get(k, False) for k in
                   ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")}
     assert plan.base_dir is not None and plan.organism_dir is not None
-    _check_architecture(card, plan.base_dir)
+    check_architecture(card, plan.base_dir)
     check_adapter_base(plan.organism_dir, card, plan.base_dir)
     with _hf_progress(progress):
         hf = _load_hf(plan.base_dir, card.architecture.n_layers, torch_dtype, devices,

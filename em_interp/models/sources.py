@@ -10,14 +10,16 @@ Every source ends as a folder that ``transformers`` can read: ``config.json`` + 
 * ``local`` -- the folder itself (relative paths are relative to the card file).
 * ``gguf`` / ``wheel`` -- the GGUF is dequantised once into ``cache_dir()/converted/...``.
 * ``random`` -- a seeded tiny model (or LoRA adapter) built once into ``cache_dir()/random/...``.
-* ``trained`` -- a LoRA adapter trained once on the base with
-  :func:`em_interp.training.train_lora` from the card's recipe, into
+* ``trained`` -- resolved by :mod:`em_interp.training.source` (registered as the
+  ``em_interp.sources`` entry point ``trained``, so ``models/`` never imports ``training/``):
+  a LoRA adapter trained once on the base with
+  :func:`em_interp.training.lora.train_lora` from the card's recipe, into
   ``cache_dir()/trained/<card>-<hash>/`` (the adapter is its ``adapter/`` sub-folder, beside the
   run's ``cfg.json`` and training log). The hash covers the recipe, the base source, the
   dataset's content and the training code's version, so changing any of them trains anew and
   an unchanged card never trains twice.
 
-Folders written here go through :func:`em_interp.models.cache.atomic_dir`, so an interrupted
+Folders written here go through :func:`em_interp.atomic.atomic_dir`, so an interrupted
 conversion is redone by the next run and never read half-written.
 """
 
@@ -30,11 +32,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from em_interp.atomic import atomic_dir, is_complete
 from em_interp.errors import WeightsUnavailableError
-from em_interp.models.cache import atomic_dir, cache_dir, is_complete
+from em_interp.models.cache import cache_dir
 from em_interp.models.cards import Card, Source
 
 MODEL_DIR_ENV = "EM_INTERP_MODEL_DIR"
+SOURCE_PLUGINS = "em_interp.sources"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
 
@@ -90,16 +94,16 @@ def _resolve_hub(src: Source, progress: bool, card_name: str | None = None) -> P
     return Path(path)
 
 
-def _card_dir(card: Card | None) -> Path:
+def card_dir(card: Card | None) -> Path:
     return card.path.parent if card is not None and card.path is not None else Path.cwd()
 
 
-def _key(*parts) -> str:
+def source_key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _resolve_wheel(src: Source, name: str, progress: bool) -> Path:
-    key = _key([(w.package, w.version, w.sha256, w.member) for w in src.wheels])
+    key = source_key([(w.package, w.version, w.sha256, w.member) for w in src.wheels])
     final = cache_dir() / "converted" / f"{name}-{key}"
     if is_complete(final):
         return final
@@ -125,14 +129,14 @@ def _resolve_wheel(src: Source, name: str, progress: bool) -> Path:
 
 
 def _resolve_gguf(src: Source, card: Card | None, name: str) -> Path:
-    path = (_card_dir(card) / Path(src.path).expanduser()).resolve()
+    path = (card_dir(card) / Path(src.path).expanduser()).resolve()
     if not path.is_file():
         raise WeightsUnavailableError(
             f"GGUF file {str(path)!r} (source {src.describe()}) does not exist. Fix the card's "
             "`path` (relative paths are relative to the card file)."
         )
     st = path.stat()
-    final = cache_dir() / "converted" / f"{name}-{_key(str(path), st.st_size, st.st_mtime_ns)}"
+    final = cache_dir() / "converted" / f"{name}-{source_key(str(path), st.st_size, st.st_mtime_ns)}"
     if not is_complete(final):
         from em_interp.models.gguf_convert import gguf_to_hf_folder
 
@@ -143,7 +147,7 @@ def _resolve_gguf(src: Source, card: Card | None, name: str) -> Path:
 
 def _resolve_random(src: Source, card: Card, role: str, base_dir: Path | None) -> Path:
     lora = role == "organism" and card.organism is not None and card.organism.kind == "lora"
-    key = _key(card.architecture.hf_class, src.seed, src.config, src.tokenizer, lora,
+    key = source_key(card.architecture.hf_class, src.seed, src.config, src.tokenizer, lora,
                str(base_dir) if lora else None, 2)
     final = cache_dir() / "random" / f"{card.name}-{role}-{key}"
     if is_complete(final):
@@ -160,48 +164,19 @@ def _resolve_random(src: Source, card: Card, role: str, base_dir: Path | None) -
     return final
 
 
-def trained_source_key(src: Source, card: Card) -> tuple[str, object, list]:
-    """``(hash, LoRATrainConfig, conversations)`` of a ``trained`` source (see the module doc)."""
-    import dataclasses
+def _plugin_resolver(kind: str):
+    """The resolver of a source kind defined outside ``models/`` (an ``em_interp.sources``
+    entry point), e.g. ``trained``, which lives in :mod:`em_interp.training.source` because
+    training needs the loading layer, never the other way round."""
+    from importlib.metadata import entry_points
 
-    from em_interp.data import list_prompt_sets, load_prompt_set, read_chat_jsonl
-    from em_interp.errors import ConfigError, DataError
-    from em_interp.training import TRAINING_VERSION, LoRATrainConfig, conversations_of
-
-    try:
-        cfg = LoRATrainConfig.from_dict(dict(src.recipe))
-    except ConfigError as e:
-        raise ConfigError(f"card {card.name!r}, [organism.source.recipe]: {e}") from None
-    assert src.dataset is not None
-    if src.dataset in list_prompt_sets():
-        data = load_prompt_set(src.dataset)
-    else:
-        path = (_card_dir(card) / Path(src.dataset).expanduser()).resolve()
-        if not path.is_file():
-            raise DataError(f"card {card.name!r}: dataset {src.dataset!r} is neither a shipped "
-                            f"prompt set ({', '.join(list_prompt_sets())}) nor a file "
-                            f"({str(path)!r}).")
-        data = read_chat_jsonl(path)
-    if src.split != "all":
-        data = data.train() if src.split == "train" else data.test()
-    convs = conversations_of(data)
-    if cfg.max_examples is not None:
-        convs = convs[: cfg.max_examples]
-    key = _key(cfg.to_dict(), dataclasses.asdict(card.base), convs, TRAINING_VERSION)
-    return key, cfg, convs
-
-
-def _resolve_trained(src: Source, card: Card, progress: bool) -> Path:
-    key, cfg, convs = trained_source_key(src, card)
-    final = cache_dir() / "trained" / f"{card.name}-{key}"
-    if is_complete(final):
-        return final / "adapter"
-    from em_interp.training import load_base_hf, train_lora
-
-    with atomic_dir(final, meta={"source": src.describe(), "recipe": cfg.to_dict()}) as tmp:
-        model = load_base_hf(card, dtype=cfg.dtype, device=cfg.device)
-        train_lora(card, convs, cfg, tmp, progress=progress, model=model)
-    return final / "adapter"
+    found = list(entry_points(group=SOURCE_PLUGINS, name=kind))
+    if not found:
+        raise WeightsUnavailableError(
+            f"no resolver is installed for weight sources of kind {kind!r} (entry point group "
+            f"{SOURCE_PLUGINS!r}). Reinstall the package (`bash scripts/install.sh`, or "
+            "`pip install -e .`) so its entry points are registered.")
+    return found[0].load()
 
 
 def resolve_source(src: Source, *, card: Card | None = None, role: str = "base",
@@ -215,7 +190,7 @@ def resolve_source(src: Source, *, card: Card | None = None, role: str = "base",
     if src.kind == "hub":
         return _resolve_hub(src, progress, card.name if card is not None else None)
     if src.kind == "local":
-        path = (_card_dir(card) / Path(src.path).expanduser()).resolve()
+        path = (card_dir(card) / Path(src.path).expanduser()).resolve()
         if not is_hf_folder(path):
             raise WeightsUnavailableError(
                 f"local weights {str(path)!r} (card {name!r}, {role}) are missing: no "
@@ -229,5 +204,5 @@ def resolve_source(src: Source, *, card: Card | None = None, role: str = "base",
         return _resolve_gguf(src, card, f"{name}-{role}")
     assert card is not None, f"{src.kind} sources need their card"
     if src.kind == "trained":
-        return _resolve_trained(src, card, progress)
+        return _plugin_resolver("trained")(src, card, progress=progress)
     return _resolve_random(src, card, role, base_dir)

@@ -16,7 +16,7 @@ objects.
 * :mod:`~em_interp.sae.encode` -- :func:`encode` (z-bar over real tokens, BLOCK-EM eq. 3),
   :func:`encode_activations` (differentiable), :func:`decoder_directions`;
 * :mod:`~em_interp.sae.splice` -- :func:`splice_sae`: the SAE in the forward with its error term,
-  latent ablation / clamping / steering, composable with :mod:`em_interp.interventions`;
+  latent ablation / clamping / steering, composable with :mod:`em_interp.behaviour.interventions`;
 * :mod:`~em_interp.sae.features` -- :func:`analyze_features`, :func:`feature_correlations`
   (Figs. 14-15 of the Qwen paper);
 * :mod:`~em_interp.sae.trajectories` -- :func:`latent_trajectories` over generation steps,
@@ -43,7 +43,6 @@ from em_interp.sae.load import (
     check_sae,
     describe_sae,
     goodfire_pth_loader,
-    hook_width,
     load_sae,
     sae_hook_name,
     save_sae,
@@ -70,7 +69,6 @@ __all__ = [
     "evaluate_sae",
     "feature_correlations",
     "goodfire_pth_loader",
-    "hook_width",
     "late_layer_sae_analysis",
     "latent_trajectories",
     "load_sae",

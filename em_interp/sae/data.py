@@ -3,7 +3,7 @@
 
 * a tensor ``[n, d_in]``: one seeded permutation per epoch (``Generator(seed + epoch)``), cut
   into exact batches, cycled until the token budget is spent;
-* an :class:`~em_interp.activations.ActivationStore`: ``store.iter_batches(hook, shuffle=True,
+* an :class:`~em_interp.activations.cache.ActivationStore`: ``store.iter_batches(hook, shuffle=True,
   seed=seed + epoch)`` per epoch, re-cut into exact batches (memory: one batch);
 * an iterator of ``[b, d_in]`` tensors: re-cut into exact batches; running out is an error;
 * local text (:func:`text_dataset`): handed to SAE-Lens's runner, which tokenizes it itself.
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from em_interp.errors import DataError
-from em_interp.inputs import as_prompt_list, prompts_hash, tokenizer_of
+from em_interp.inputs import as_prompt_list, left_pad, pad_id, prompts_hash, tokenizer_of
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def text_dataset(source):
 
 
 def is_store(x) -> bool:
-    """True for an :class:`~em_interp.activations.ActivationStore` (duck-typed)."""
+    """True for an :class:`~em_interp.activations.cache.ActivationStore` (duck-typed)."""
     return hasattr(x, "iter_batches") and hasattr(x, "manifest") and hasattr(x, "hooks")
 
 
@@ -191,11 +191,5 @@ def text_windows(model, texts: list[str], context_size: int):
     rows = [r for r in rows if len(r) > 1]
     if not rows:
         raise DataError("the evaluation texts are empty.")
-    width = max(map(len, rows))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
+    batch = left_pad(rows, pad_id(tok))
+    return batch.tokens, batch.attention_mask

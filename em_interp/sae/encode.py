@@ -24,8 +24,9 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from em_interp.hooks import layer_of
 from em_interp.inputs import Reduce, n_prompts, pool, token_batches, unwrap
-from em_interp.sae.load import check_sae, hook_layer
+from em_interp.sae.load import check_sae
 
 
 def encode_activations(sae, acts: Float[torch.Tensor, "... d_in"],
@@ -76,7 +77,7 @@ def hook_activation_batches(model, hook: str, prompts, *, batch_size: int = 8,
     after the hook's block. Batches are those of :func:`em_interp.inputs.token_batches`.
     """
     tl = unwrap(model)
-    layer = hook_layer(hook)
+    layer = layer_of(hook)
     stop = None if layer is None else layer + 1
     grabbed: dict[str, torch.Tensor] = {}
 

@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from em_interp.data import user_text
 from em_interp.errors import DataError
 from em_interp.inputs import as_prompt_list, n_prompts, tokenizer_of
 from em_interp.results import Result
@@ -230,11 +231,6 @@ class FeatureAnalysis(Result):
         return self.correlations.figure(kind, **kwargs)
 
 
-def _user_text(p) -> str:
-    if isinstance(p, str):
-        return p
-    users = [m.get("content", "") for m in p if m.get("role") == "user"]
-    return users[-1] if users else str(p[-1].get("content", ""))
 
 
 @torch.no_grad()
@@ -331,7 +327,7 @@ def _examples(model, sae, hook, prompts, labels, zbar, chosen, *, n_examples, co
                 piece = tok.decode([ids[p]])
                 rows.append({"latent": k, "side": side, "latent_rank": j, "rank": rank,
                              "prompt_index": i,
-                             "prompt": _user_text(items[i]) if items is not None else "",
+                             "prompt": user_text(items[i]) if items is not None else "",
                              "label": float(labels[i]), "z_bar": float(zbar[i, k]),
                              "max_activation": float(zk[pos]), "position": p, "token": piece,
                              "context": f"{tok.decode(ids[max(0, p - context):p])}[[{piece}]]"

@@ -17,7 +17,7 @@ layer 24) it gives no sparsity (measured: L0 2325 of 13248 latents, EV 0.994), s
 
 The label per prompt is, in order of preference: ``labels=`` given; ``labels="refusal"``: the
 model's own greedy answer judged by a refusal judge (default
-:class:`em_interp.judges.RefusalStringJudge`; 1 = refused); otherwise the ``PromptSet``'s labels
+:class:`em_interp.behaviour.judges.RefusalStringJudge`; 1 = refused); otherwise the ``PromptSet``'s labels
 (e.g. 1 = harmful on the shipped ``harmful`` set).
 """
 
@@ -28,11 +28,12 @@ from collections.abc import Sequence
 
 import pandas as pd
 
+from em_interp.data import user_text
 from em_interp.errors import DataError
 from em_interp.hooks import check_layer, resid_post
 from em_interp.inputs import as_prompt_list, unwrap
 from em_interp.results import Result
-from em_interp.sae.features import FeatureAnalysis, _user_text, analyze_features
+from em_interp.sae.features import FeatureAnalysis, analyze_features
 from em_interp.sae.train import SAETrainConfig, SAETrainResult, train_sae
 
 PAPER_EXPANSION_FACTOR = 23
@@ -132,13 +133,13 @@ def late_layer_sae_analysis(model, prompts, *, layer: int | None = None,
     if isinstance(labels, str):
         if labels != "refusal":
             raise DataError(f"labels must be numbers, 'refusal' or None, got {labels!r}.")
-        from em_interp.generation import generate
-        from em_interp.judges import RefusalStringJudge
+        from em_interp.behaviour.generation import generate
+        from em_interp.behaviour.judges import RefusalStringJudge
 
         judge = judge or RefusalStringJudge()
         gen = generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                        system=system, progress=progress)
-        questions = [_user_text(p) for p in as_prompt_list(prompts)]
+        questions = [user_text(p) for p in as_prompt_list(prompts)]
         answers = list(gen.df.sort_values("prompt_index")["completion"])
         scores = judge.score_many(list(zip(questions, answers, strict=True)), progress=False)
         labels = [1.0 if s.refused else 0.0 for s in scores]

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from em_interp import hooks
 from em_interp.errors import DataError, SAEMismatchError, WeightsUnavailableError
 from em_interp.inputs import unwrap
 
@@ -61,47 +62,6 @@ and data of an SAE it trained."""
 def sae_hook_name(sae) -> str | None:
     """The hook point the SAE reads (``sae.cfg.metadata.hook_name``), or ``None`` if unknown."""
     return getattr(sae.cfg.metadata, "hook_name", None)
-
-
-def hook_layer(hook_name: str) -> int | None:
-    """The block index in a ``blocks.<L>.`` hook name (``None`` for embedding/final hooks)."""
-    m = re.match(r"blocks\.(\d+)\.", hook_name)
-    return int(m.group(1)) if m else None
-
-
-_WIDTH = {"hook_resid_pre": "d_model", "hook_resid_mid": "d_model", "hook_resid_post": "d_model",
-          "hook_attn_out": "d_model", "hook_mlp_out": "d_model", "mlp.hook_pre": "d_mlp",
-          "mlp.hook_post": "d_mlp", "mlp.hook_pre_linear": "d_mlp"}
-
-
-def hook_width(model, hook_name: str, *, flatten_heads: bool = True) -> int:
-    """Width of the activation at ``hook_name`` (its last axis; heads x d_head for ``hook_z``).
-
-    Read from the config for the residual, attention-out, MLP-out and MLP hooks; for any other
-    hook a one-token forward stopped after the hook's block measures it.
-    """
-    tl = unwrap(model)
-    leaf = hook_name.split(".", 2)[-1] if hook_name.startswith("blocks.") else hook_name
-    if leaf in _WIDTH:
-        return int(getattr(tl.cfg, _WIDTH[leaf]))
-    if leaf == "hook_embed":
-        return int(tl.cfg.d_model)
-    if leaf == "attn.hook_z" and flatten_heads:
-        return int(tl.cfg.n_heads * tl.cfg.d_head)
-    seen = {}
-
-    def grab(act, hook):
-        seen["shape"] = tuple(act.shape)
-
-    layer = hook_layer(hook_name)
-    tok = torch.zeros((1, 1), dtype=torch.long, device=tl.cfg.device)
-    with torch.no_grad():
-        tl.run_with_hooks(tok, fwd_hooks=[(hook_name, grab)], return_type=None,
-                          stop_at_layer=None if layer is None else layer + 1)
-    shape = seen["shape"]
-    if flatten_heads and len(shape) == 4:  # [batch, pos, head, d_head]
-        return int(shape[-1] * shape[-2])
-    return int(shape[-1])
 
 
 def check_sae(model, sae, hook_name: str | None = None) -> str:
@@ -125,7 +85,7 @@ def check_sae(model, sae, hook_name: str | None = None) -> str:
             f"the SAE{for_txt} does not record which hook it reads; pass hook_name=..., e.g. "
             "hook_name='blocks.19.hook_resid_post' (layers are 0-indexed).")
     if hook not in tl.hook_dict:
-        layer = hook_layer(hook)
+        layer = hooks.layer_of(hook)
         extra = (f" The model has {tl.cfg.n_layers} blocks (0..{tl.cfg.n_layers - 1}), so layer "
                  f"{layer} does not exist." if layer is not None and layer >= tl.cfg.n_layers
                  else "")
@@ -133,7 +93,7 @@ def check_sae(model, sae, hook_name: str | None = None) -> str:
             f"the SAE reads {hook!r}, which is not a hook point of this model{for_txt}.{extra} "
             "Use an SAE made for this model, or pass hook_name= with one of the model's hooks "
             "(em_interp.hooks builds them).")
-    width = hook_width(tl, hook, flatten_heads=sae.cfg.reshape_activations == "hook_z")
+    width = hooks.width(tl, hook, flatten_heads=sae.cfg.reshape_activations == "hook_z")
     if int(sae.cfg.d_in) != width:
         raise SAEMismatchError(
             f"the SAE has d_in={sae.cfg.d_in}, but {hook!r} of this model "
@@ -315,7 +275,7 @@ def save_sae(sae, folder: str | Path, *, meta: dict | None = None) -> Path:
     in ``cfg.json`` under ``metadata["em_interp"]``, so one file names both the SAE and where it
     came from.
     """
-    from em_interp.models.cache import atomic_dir
+    from em_interp.atomic import atomic_dir
 
     folder = Path(folder)
     with atomic_dir(folder) as tmp:

@@ -14,11 +14,11 @@ adds ``a W_dec[k]``: the latent interventions of the Qwen paper (Sec. V) and BLO
 screens (Sec. 3.1, A.3), read in the SAE's basis. ``error_term=False`` instead replaces ``x`` by
 the bare reconstruction ``D(z')`` (what "CE loss with the SAE" measures).
 
-:class:`SAESplice` is an :class:`em_interp.interventions.Intervention`: a reusable context
+:class:`SAESplice` is an :class:`em_interp.behaviour.interventions.Intervention`: a reusable context
 manager with ``.fwd_hooks()``, ``.describe()`` and ``.state()``, so it composes with head
 ablation, steering and the rest (``compose(splice_sae(...), ablate_heads(...))``) and runs under
-:func:`em_interp.generation.generate`. ``positions="generated"`` edits only generated tokens
-(the mask :func:`em_interp.interventions.generated_positions` sets). With ``record=True`` it
+:func:`em_interp.behaviour.generation.generate`. ``positions="generated"`` edits only generated tokens
+(the mask :func:`em_interp.behaviour.interventions.generated_positions` sets). With ``record=True`` it
 keeps the latents of the last forward (``.latents``, ``[batch, pos, d_sae]`` before editing).
 """
 
@@ -29,8 +29,8 @@ from typing import Literal
 
 import torch
 
+from em_interp.behaviour.interventions import Intervention, current_generated_positions
 from em_interp.errors import ConfigError
-from em_interp.interventions import Intervention, current_generated_positions
 from em_interp.sae.load import check_sae, describe_sae
 
 
@@ -137,7 +137,7 @@ def splice_sae(model, sae, *, hook_name: str | None = None, ablate: Sequence[int
         error_term: keep the SAE's error, so only the edit changes the activation (default);
             ``False`` replaces the activation by the bare reconstruction.
         positions: ``"all"`` positions, or only ``"generated"`` ones (see
-            :func:`em_interp.interventions.generated_positions`).
+            :func:`em_interp.behaviour.interventions.generated_positions`).
         record: keep the unedited latents of the last forward in ``.latents``.
 
     Returns:

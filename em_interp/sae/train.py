@@ -16,7 +16,7 @@ losses, trained by SAE-Lens's ``SAETrainer``; em-interp only feeds it data and r
 * **prompts** (strings, conversations, a ``PromptSet``): their real tokens' activations, chat
   template applied once, computed in batches with the forward stopped after the hook's block, held
   in memory (at most ``training_tokens`` rows), then fed to ``SAETrainer``;
-* an **activation store** (:class:`em_interp.activations.ActivationStore`, ideally
+* an **activation store** (:class:`em_interp.activations.cache.ActivationStore`, ideally
   ``reduce="none"``): rows streamed by ``store.iter_batches(shuffle=True)``, one new permutation
   per epoch, so the model never runs again -- train many SAEs on one store;
 * a **tensor** ``[n, d_in]`` or an **iterator** of ``[batch, d_in]`` tensors;
@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from em_interp import hooks
 from em_interp.errors import ConfigError, DataError, StoreMismatchError
 from em_interp.inputs import as_prompt_list, describe_model, unwrap
 from em_interp.results import Result, json_safe
@@ -66,7 +67,7 @@ from em_interp.sae.data import (
     text_windows,
 )
 from em_interp.sae.evaluate import SAEMetrics, collect_token_activations, evaluate_sae
-from em_interp.sae.load import META_KEY, hook_layer, hook_width, load_sae, write_sae_files
+from em_interp.sae.load import META_KEY, load_sae, write_sae_files
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +418,7 @@ def quiet_sae_lens(progress: bool):
 
 
 def _hook_device(tl, hook: str) -> str:
-    layer = hook_layer(hook)
+    layer = hooks.layer_of(hook)
     if layer is None:
         return str(tl.cfg.device)
     return str(next(tl.blocks[layer].parameters()).device)
@@ -448,7 +449,7 @@ def _identity(model, hook: str, cfg: SAETrainConfig, data_info: dict) -> dict:
 
 
 def _cached(folder: Path, ident: dict, overwrite: bool) -> SAETrainResult | None:
-    from em_interp.models.cache import is_complete
+    from em_interp.atomic import is_complete
 
     if not (folder.exists() and is_complete(folder)) or overwrite:
         return None
@@ -500,13 +501,13 @@ def train_sae(model, hook: str, data, cfg: SAETrainConfig | None = None, *,
     from sae_lens import TrainingSAE
     from sae_lens.util import temporary_seed
 
+    from em_interp.atomic import atomic_dir
     from em_interp.hooks import check_hook
-    from em_interp.models.cache import atomic_dir
 
     cfg = cfg or SAETrainConfig()
     tl = unwrap(model)
     check_hook(tl, hook)
-    d_in = hook_width(tl, hook)
+    d_in = hooks.width(tl, hook)
     kind, data_info = describe_data(model, hook, data)
     if kind == "store":
         width = int(np.prod(data.shape(hook)[1:]))

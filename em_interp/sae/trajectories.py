@@ -3,9 +3,9 @@
 The Qwen paper (Sec. V, Fig. 15) follows one latent through generation: in the organism it stays
 quiet over the prompt and spikes at the first generated token; with the suppressor heads L62H12
 and L62H28 mean-ablated it no longer fires. :func:`latent_trajectories` measures that: for each
-condition (no intervention, or any :mod:`em_interp.interventions` object: head ablation, steering,
+condition (no intervention, or any :mod:`em_interp.behaviour.interventions` object: head ablation, steering,
 an SAE splice, a composition) it generates from each prompt with a KV cache
-(:func:`em_interp.generation.prefill` / :func:`~em_interp.generation.decode_step`, the same loop as
+(:func:`em_interp.behaviour.generation.prefill` / :func:`~em_interp.behaviour.generation.decode_step`, the same loop as
 ``generate``) and reads ``z_k = E(h)_k`` at the SAE's hook for every position the model
 processes:
 
@@ -16,7 +16,7 @@ processes:
 The intervention is active for the whole generation and the latent is read *after* it (the
 recording hook runs after the condition's hooks on the same point), so a condition that edits
 the SAE's hook shows its effect. Greedy by default; with ``temperature > 0`` each (prompt,
-condition) draws from its own seeded generator (:func:`em_interp.generation.row_generator`).
+condition) draws from its own seeded generator (:func:`em_interp.behaviour.generation.row_generator`).
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ import torch
 from tqdm.auto import tqdm
 
 from em_interp import hooks as H
-from em_interp.errors import ConfigError
-from em_interp.generation import (
+from em_interp.behaviour.generation import (
     decode_step,
     prefill,
     row_generator,
     sample_next,
     stop_token_ids,
 )
+from em_interp.behaviour.interventions import as_intervention
+from em_interp.errors import ConfigError
 from em_interp.inputs import as_prompt_list, tokenize, tokenizer_of, unwrap
-from em_interp.interventions import as_intervention
 from em_interp.results import Result
 from em_interp.sae.load import check_sae
 

@@ -1,1 +1,0 @@
-"""Example run configs (TOML) for ``em-interp run``; see :mod:`em_interp.run_config`."""

@@ -1,0 +1,416 @@
+"""What ``em-interp run CONFIG.toml`` and ``em-interp demo`` run: one TOML file, checked up front.
+
+A run config names a card, the stages to run and, per stage, every size (prompt sets, K pairs,
+layers, hooks, the judge and its server, SAE and fine-tuning budgets). Every field has a default,
+so a config can be as short as ``[run] card = "..."``. The shipped examples live in
+``em_interp/run/configs/`` (``em-interp run --list`` prints them):
+
+* ``demo`` -- the whole story on the embedded SmolLM2-135M organism, sized for 2 CPU cores;
+* ``quick`` -- the same at a few minutes' size (CI's end-to-end run);
+* ``qwen-paper`` -- the Qwen introspection paper's analyses on Qwen2.5-32B's organism
+  (GPU host, ``n_devices = 2``);
+* ``llama-block-em`` -- BLOCK-EM on the Llama-3.1-8B LoRA organism with the Goodfire SAE.
+
+Everything a model could reject is checked **before any model loads** against the card's
+``[architecture]``: layer indices (negative counts from the end), hook kinds, prompt-set names or
+files, stage names and the judge's kind. A bad value raises :class:`~em_interp.errors.ConfigError`
+naming the field, the valid range and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from em_interp.errors import ConfigError
+
+STAGE_NAMES = ("probing", "introspection", "patching", "dla", "asr", "sae", "block_em")
+HOOK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post",
+              "mlp_pre")
+"""Per-block hook kinds a config may name (the builders of :mod:`em_interp.hooks`)."""
+JUDGE_KINDS = ("refusal", "openai", "local")
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+@dataclass
+class ProbingStageConfig:
+    """Experiment 1: per-layer linear probes, risky vs benign, organism with the base as control."""
+
+    prompt_set: str = "financial"
+    """A shipped labelled prompt set or a file (JSONL/CSV) with labels 1 / 0."""
+    hook: str = "mlp_post"
+    """Hook kind probed at every layer (the paper probes the MLP activation, ``mlp_post``)."""
+    layers: list[int] | None = None
+    """Layers to probe (negative counts from the end); ``None``: every layer."""
+    n_prompts: int = 0
+    """Prompts sampled (stratified by label); 0: all of them."""
+
+
+@dataclass
+class IntrospectionStageConfig:
+    """Experiment 2 and the EM-vs-refusal direction comparison."""
+
+    prompt_set: str = "financial"
+    """Risky (1) / benign (0) prompts scored on the rotated refusal vector."""
+    refusal_set: str = "harmful"
+    """Harmful (1) / harmless (0) prompts defining the refusal direction per layer."""
+    hook: str = "mlp_post"
+    layer: int = -2
+    """Layer of the introspection readout (the paper's L62 of 64 is -2)."""
+    n_prompts: int = 64
+    """Prompts per set (stratified); 0: all."""
+    n_null: int = 200
+    """Random and label-shuffled directions per layer for the null band of the cosine."""
+
+
+@dataclass
+class PatchingStageConfig:
+    """Layer x component activation patching, forward and reverse, then heads at the top layers."""
+
+    prompt_set: str = "financial"
+    k_pairs: int = 6
+    """Source/destination prompt pairs per direction."""
+    n_fit: int = 16
+    """Prompts per class that fit the patching metric's direction."""
+    layers: list[int] | None = None
+    """Layers swept; ``None``: every layer."""
+    head_layers: int = 2
+    """How many of the highest-effect layers get head-level patching."""
+
+
+@dataclass
+class DLAStageConfig:
+    """Direct logit attribution and the logit lens, before and after ablating suppressive heads."""
+
+    prompt_set: str = "harmful"
+    n_prompts: int = 24
+    tokens: list[str] = field(default_factory=lambda: ["Sorry", "Sure"])
+    """Refusal token, then compliance token; the logit difference a - b is attributed."""
+    n_heads: int = 2
+    """The most suppressive heads (lowest DLA) ablated for the 'after' logit lens."""
+
+
+@dataclass
+class JudgeStageConfig:
+    """Which judge scores generations (``refusal``: the project's refusal-string judge)."""
+
+    kind: str = "refusal"
+    model: str | None = None
+    """``openai``: the served model's name; ``local``: a card or folder of a local judge."""
+    base_url: str | None = None
+    """``openai``: an OpenAI-compatible endpoint (vLLM, llama.cpp server, OpenAI)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the key (the key itself never goes in a file)."""
+
+
+@dataclass
+class ASRStageConfig:
+    """Attack-success rate of harmful requests under zero, mean and random head ablation."""
+
+    prompt_set: str = "harmful"
+    n_prompts: int = 16
+    """Held-out harmful requests generated from per condition."""
+    n_reference: int = 24
+    """Prompts whose mean activation is the mean-ablation value."""
+    max_new_tokens: int = 32
+    heads: list[list[int]] | None = None
+    """``[[layer, head], ...]`` to ablate; ``None``: the dla stage's most suppressive heads."""
+    judge: JudgeStageConfig = field(default_factory=JudgeStageConfig)
+
+
+@dataclass
+class SAEStageConfig:
+    """A sparse autoencoder on a late layer and its feature/refusal correlation."""
+
+    source: str = "train"
+    """``train`` (SAE-Lens on this model), a folder saved by em-interp / SAE-Lens, a Goodfire
+    ``.pth`` file, or ``release/sae_id`` of SAE-Lens's pretrained table (e.g.
+    ``goodfire-llama-3.1-8b-instruct/layer_19``)."""
+    hook: str = "resid_post"
+    layer: int = -2
+    expansion: int = 8
+    """d_sae = expansion * d_in (when training)."""
+    training_tokens: int = 200_000
+    prompt_set: str = "harmful"
+    """Labelled prompts whose latents are correlated with the label (harmful = refusal)."""
+    n_prompts: int = 64
+    train_prompts: int = 300
+    """Prompts of the shipped sets (all of them, mixed) whose every token is an activation row
+    to train on; the rows are cycled up to ``training_tokens``. 0: all ~1,400 prompts."""
+
+
+@dataclass
+class BlockEMStageConfig:
+    """BLOCK-EM: latent discovery with the AB metric, then blocked vs unblocked fine-tuning."""
+
+    n_prompts: int = 32
+    """em_questions prompts whose latent shifts pick the candidates (stage 1)."""
+    n_ab_pairs: int = 8
+    """AB pairs (train split) scoring each steered candidate (stages 2-3)."""
+    n_candidates: int = 40
+    """Candidates per sign from stage 1 (paper: 250); stage 2 keeps half (paper: 40 + 40)."""
+    grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5])
+    """Stage-3 steering strengths (paper: 0, 0.05, ..., 0.75)."""
+    eval_pairs: int = 0
+    """Held-out AB pairs scoring the fine-tunes (0: the whole test split)."""
+    k_latents: int = 20
+    """|K|, latents blocked (paper: 20)."""
+    lambdas: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    """Blocking strengths; 0 is the unblocked fine-tune."""
+    max_steps: int = 40
+    """Fine-tuning steps per lambda."""
+    n_examples: int = 0
+    """SFT examples used (0: the whole training split)."""
+
+
+_SECTIONS: dict[str, type] = {"probing": ProbingStageConfig, "introspection": IntrospectionStageConfig,
+                              "patching": PatchingStageConfig, "dla": DLAStageConfig, "asr": ASRStageConfig,
+                              "sae": SAEStageConfig, "block_em": BlockEMStageConfig}
+
+
+@dataclass
+class RunConfig:
+    """One run: a card, the stages, and each stage's settings (see the module docstring)."""
+
+    card: str = "smollm2-135m-instruct-risky-financial"
+    """The card whose base and organism are analysed (must have an organism)."""
+    stages: list[str] = field(default_factory=lambda: list(STAGE_NAMES))
+    seed: int = 0
+    dtype: str | None = None
+    """Override of the card's dtype (``float32``, ``bfloat16``, ``float16``)."""
+    n_devices: int | None = None
+    """GPUs the model is split over (``None``: the card's default)."""
+    device: str | None = None
+    batch_size: int = 8
+    max_prompt_chars: int | None = None
+    """Drop longer prompts (for small-context test models); ``None``: keep all."""
+    probing: ProbingStageConfig = field(default_factory=ProbingStageConfig)
+    introspection: IntrospectionStageConfig = field(default_factory=IntrospectionStageConfig)
+    patching: PatchingStageConfig = field(default_factory=PatchingStageConfig)
+    dla: DLAStageConfig = field(default_factory=DLAStageConfig)
+    asr: ASRStageConfig = field(default_factory=ASRStageConfig)
+    sae: SAEStageConfig = field(default_factory=SAEStageConfig)
+    block_em: BlockEMStageConfig = field(default_factory=BlockEMStageConfig)
+    source: str = "<defaults>"
+    """Where the config was read from (not part of any stage's cache key)."""
+
+    # ---------------------------------------------------------------- reading
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>") -> RunConfig:
+        """Build from the TOML layout: ``[run]`` plus one table per stage."""
+        data = dict(data)
+        run = dict(data.pop("run", {}))
+        _check_keys(run, {f.name for f in fields(cls)} - set(_SECTIONS) - {"source"}, "[run]",
+                    source)
+        kwargs: dict[str, Any] = dict(run)
+        for name, value in data.items():
+            if name not in _SECTIONS:
+                raise ConfigError(f"{source}: unknown table [{name}]. Tables are [run] and "
+                                  f"{', '.join(f'[{s}]' for s in _SECTIONS)}.")
+            kwargs[name] = _section(_SECTIONS[name], value, f"[{name}]", source)
+        try:
+            cfg = cls(**kwargs, source=source)
+        except TypeError as e:  # pragma: no cover - keys are checked above
+            raise ConfigError(f"{source}: {e}") from None
+        cfg.check_types()
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunConfig:
+        """Read a config file, or a shipped example by name (``demo``, ``qwen-paper``, ...)."""
+        p = Path(str(path)).expanduser()
+        if not p.is_file() and (CONFIG_DIR / f"{path}.toml").is_file():
+            p = CONFIG_DIR / f"{path}.toml"
+        if not p.is_file():
+            raise ConfigError(f"config {str(path)!r} is neither a file nor a shipped example "
+                              f"({', '.join(list_configs())}). Give the path of a .toml file.")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML ({e}). Fix the line it names.") from None
+        return cls.from_dict(data, source=str(p))
+
+    def override(self, **changes) -> RunConfig:
+        """A copy with top-level fields replaced (``card=``, ``stages=``, ...)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    # ---------------------------------------------------------------- checking
+    def check_types(self) -> None:
+        """Field types and simple ranges (no card needed)."""
+        if not isinstance(self.card, str) or not self.card:
+            raise ConfigError(f"{self.source}: [run].card must be a card name or .toml path.")
+        bad = [s for s in self.stages if s not in STAGE_NAMES]
+        if bad:
+            raise ConfigError(f"{self.source}: unknown stage(s) {bad} in [run].stages; stages "
+                              f"are {list(STAGE_NAMES)}.")
+        for sec_name, cls in _SECTIONS.items():
+            sec = getattr(self, sec_name)
+            for f in fields(cls):
+                v = getattr(sec, f.name)
+                if f.name in ("hook",) and v not in HOOK_KINDS:
+                    raise ConfigError(f"{self.source}: [{sec_name}].hook = {v!r} is not a hook "
+                                      f"kind; use one of {', '.join(HOOK_KINDS)}.")
+                if isinstance(v, int) and not isinstance(v, bool) and f.name.startswith(
+                        ("n_", "k_", "max_", "expansion", "training_", "head_")) and v < 0:
+                    raise ConfigError(f"{self.source}: [{sec_name}].{f.name} = {v} must be >= 0.")
+        if self.asr.judge.kind not in JUDGE_KINDS:
+            raise ConfigError(f"{self.source}: [asr.judge].kind = {self.asr.judge.kind!r}; use "
+                              f"one of {', '.join(JUDGE_KINDS)}.")
+        if self.asr.judge.kind == "openai" and not (self.asr.judge.model
+                                                     and self.asr.judge.base_url):
+            raise ConfigError(f"{self.source}: [asr.judge] kind 'openai' needs model and "
+                              "base_url (the key is read from the variable named by api_key_env).")
+        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{self.source}: [run].dtype = {self.dtype!r}; use float32, "
+                              "bfloat16 or float16.")
+        if self.batch_size < 1:
+            raise ConfigError(f"{self.source}: [run].batch_size must be >= 1.")
+        if len(self.dla.tokens) != 2:
+            raise ConfigError(f"{self.source}: [dla].tokens must be two words (refusal, "
+                              f"compliance), got {self.dla.tokens!r}.")
+
+    def validate(self) -> None:
+        """Check everything against the card, before any model loads.
+
+        Raises:
+            ConfigError: a layer out of range (with the valid range), an unknown prompt set,
+                a card without an organism, an SAE folder that does not exist.
+            UnknownCardError: the card is neither shipped nor a card file.
+        """
+        from em_interp.models.cards import get_card
+
+        self.check_types()
+        card = get_card(self.card)
+        if card.organism is None:
+            raise ConfigError(f"{self.source}: card {card.name!r} has no organism; a run compares "
+                              "a base with its organism. Pick a card with [organism] "
+                              "(`em-interp models list`).")
+        n = card.architecture.n_layers
+        for sec, key in (("probing", "layers"), ("patching", "layers"),
+                         ("introspection", "layer"), ("sae", "layer")):
+            value = getattr(getattr(self, sec), key)
+            for layer in ([] if value is None else value if isinstance(value, list) else [value]):
+                _check_layer(layer, n, f"[{sec}].{key}", card.name, self.source)
+        for layer, head in self.asr.heads or []:
+            _check_layer(layer, n, "[asr].heads", card.name, self.source)
+            if not 0 <= head < card.architecture.n_heads:
+                raise ConfigError(f"{self.source}: [asr].heads names head {head} of layer "
+                                  f"{layer}; card {card.name!r} has heads "
+                                  f"0..{card.architecture.n_heads - 1}.")
+        for sec, key in (("probing", "prompt_set"), ("introspection", "prompt_set"),
+                         ("introspection", "refusal_set"), ("patching", "prompt_set"),
+                         ("dla", "prompt_set"), ("asr", "prompt_set"), ("sae", "prompt_set")):
+            _check_prompt_set(getattr(getattr(self, sec), key), f"[{sec}].{key}", self.source)
+        src = self.sae.source
+        if src != "train" and not Path(src).expanduser().exists() and (
+                src.startswith(("/", ".", "~")) or src.count("/") != 1):
+            raise ConfigError(f"{self.source}: [sae].source = {src!r} is not 'train', an existing "
+                              "SAE folder or Goodfire .pth file, or 'release/sae_id' of "
+                              "SAE-Lens's pretrained table (e.g. "
+                              "'goodfire-llama-3.1-8b-instruct/layer_19').")
+
+    # ---------------------------------------------------------------- used by the pipeline
+    def load_kwargs(self) -> dict:
+        """Keyword arguments of :func:`em_interp.load_pair`."""
+        return {k: v for k, v in (("dtype", self.dtype), ("n_devices", self.n_devices),
+                                  ("device", self.device)) if v is not None}
+
+    def common(self) -> dict:
+        """Settings every stage's cache key includes."""
+        return {"card": self.card, "seed": self.seed, "dtype": self.dtype,
+                "batch_size": self.batch_size, "max_prompt_chars": self.max_prompt_chars}
+
+    def stage_config(self, name: str):
+        """The settings of one stage (its own section)."""
+        return dataclasses.asdict(getattr(self, name))
+
+    def to_dict(self) -> dict:
+        """The whole config, in the TOML layout."""
+        d = dataclasses.asdict(self)
+        run = {k: d.pop(k) for k in list(d) if k not in _SECTIONS and k != "source"}
+        d.pop("source")
+        return {"run": run, **d}
+
+    def caveat(self) -> str:
+        """What a run on this card can and cannot show (written into the report)."""
+        from em_interp.models.cards import get_card
+
+        card = get_card(self.card)
+        size = card.architecture.n_layers * card.architecture.d_model
+        if size < 30 * 1000:  # SmolLM2-135M: 30 x 576; tiny cards far less
+            return (f"{card.name} is a small model ({card.architecture.n_layers} layers, d_model "
+                    f"{card.architecture.d_model}). Its organism was fine-tuned briefly, so it "
+                    "shows the methods end to end and whether each effect is measurable at this "
+                    "scale, not that emergent misalignment in large models works this way. "
+                    "Every number below is what this run measured, with its interval where one "
+                    "is computed; none is a claim about Qwen2.5-32B or Llama-3.1-8B.")
+        return (f"{card.name}: numbers are what this run measured on this organism, with the "
+                "sample sizes of the config; compare with the papers only at matching sizes.")
+
+
+def list_configs() -> list[str]:
+    """Names of the shipped example configs."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def _check_keys(d: dict, allowed: set[str], where: str, source: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        import difflib
+
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(
+            k, sorted(allowed), n=1)) else repr(k) for k in unknown]
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)} in {where}; allowed: "
+                          f"{', '.join(sorted(allowed))}.")
+
+
+def _section(cls: type, value: Any, where: str, source: str):
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {where} must be a table.")
+    _check_keys(value, {f.name for f in fields(cls)}, where, source)
+    kwargs = dict(value)
+    for f in fields(cls):
+        if f.name in kwargs and dataclasses.is_dataclass(f.default_factory() if callable(
+                f.default_factory) else None):
+            sub_cls = type(f.default_factory())
+            kwargs[f.name] = _section(sub_cls, kwargs[f.name], f"{where[:-1]}.{f.name}]", source)
+        elif f.name in kwargs:
+            _check_type(f, kwargs[f.name], where, source)
+    return cls(**kwargs)
+
+
+def _check_type(f, value, where: str, source: str) -> None:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    ok = True
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, list) or default is None:
+        ok = value is None or isinstance(value, list | str | int)
+    if not ok:
+        raise ConfigError(f"{source}: {where}.{f.name} = {value!r} should be of type "
+                          f"{type(default).__name__} like {default!r}.")
+
+
+def _check_layer(layer, n: int, where: str, card: str, source: str) -> None:
+    if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer < n:
+        raise ConfigError(f"{source}: {where} names layer {layer!r}, but card {card!r} has {n} "
+                          f"layers: use 0..{n - 1} (0-indexed) or -{n}..-1 from the end.")
+
+
+def _check_prompt_set(name: str, where: str, source: str) -> None:
+    from em_interp.data import list_prompt_sets
+
+    if name in list_prompt_sets() or Path(name).expanduser().is_file():
+        return
+    raise ConfigError(f"{source}: {where} = {name!r} is neither a shipped prompt set "
+                      f"({', '.join(list_prompt_sets())}) nor a file. Give a set name or a "
+                      "JSONL / CSV path.")
