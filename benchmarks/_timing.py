@@ -8,6 +8,8 @@ checked by tests. The helpers here keep them consistent:
   ratios against a named baseline ("paired", the most robust of the three);
 * :func:`peak_rss_mib` / :func:`rss_mib` / :func:`measure_peak_rss` -- resident memory;
 * :func:`warn_if_busy` -- a warning when other processes use the CPUs before a timed phase;
+* :func:`add_card_args` -- ``--card`` (default the real SmolLM2 card) and ``--tiny`` (the tiny
+  random card, for a smoke run: its steps are so short that overhead dominates every ratio);
 * :func:`table`, :func:`fmt`, :func:`ratio`, :func:`versions`, :func:`write_json`.
 
 Import it from a benchmark run as ``python benchmarks/bench_x.py`` (the script's folder is on
@@ -25,6 +27,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+REAL_CARD = "smollm2-135m-instruct"
+TINY_CARD = "tiny-random-llama"
+
+
+def add_card_args(ap, what: str = "card name, card file or local HF folder") -> None:
+    """``--card`` (default :data:`REAL_CARD`) and ``--tiny`` (= ``--card tiny-random-llama``)."""
+    ap.add_argument("--card", default=REAL_CARD, help=f"{what} (default {REAL_CARD})")
+    ap.add_argument("--tiny", dest="card", action="store_const", const=TINY_CARD,
+                    help=f"use {TINY_CARD}: a smoke run (overhead dominates its ratios; quote "
+                         f"{REAL_CARD})")
 
 
 def peak_rss_mib() -> float:

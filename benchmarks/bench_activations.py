@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
+    add_card_args,
     fmt,
     interleaved,
     measure_peak_rss,
@@ -217,7 +218,7 @@ def bench_probe(store_dir: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--card", default="smollm2-135m-instruct")
+    add_card_args(p)
     p.add_argument("--variant", default=None)
     p.add_argument("--n-prompts", type=int, default=32, help="prompts for the throughput part")
     p.add_argument("--rss-prompts", type=int, default=16, help="1x of the RSS part (8x is run)")

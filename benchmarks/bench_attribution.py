@@ -32,6 +32,7 @@ GOAL = 1.3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
+    add_card_args,
     fmt,
     interleaved,
     measure_peak_rss,
@@ -45,7 +46,7 @@ from _timing import (  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--card", default="smollm2-135m-instruct")
+    add_card_args(ap)
     ap.add_argument("--variant", choices=["base", "organism"], default=None)
     ap.add_argument("--prompt-set", default="harmful", help="a shipped prompt set")
     ap.add_argument("--n-prompts", type=int, default=16)

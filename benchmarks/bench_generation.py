@@ -6,30 +6,47 @@ CPU; every ratio is against HF ``generate`` measured in the same run (nothing as
 * **HF generate** -- ``AutoModelForCausalLM.generate`` on the left-padded chat-templated ids with
   their attention mask, ``do_sample=False``, ``eos_token_id=None`` (so every row runs to
   ``--new-tokens``), KV cache on. The baseline.
+* **HF generate (hooks)** -- the same with PyTorch hooks doing what the em-interp hooks do (the
+  reference of the hooked row): the two heads' slices of the last layer's ``o_proj`` input
+  replaced by their means, and ``alpha * d`` added to the output of decoder layer
+  ``n_layers // 2`` in decode steps only (the positions holding generated tokens).
 * **em-interp, no hooks** -- ``em_interp.behaviour.generation.generate(..., stop_at_eos=False)``.
 * **em-interp, hooks** -- the same under ``compose(ablate_heads(mean), steer(resid_post,
-  positions="generated"))``: a mean ablation of two heads of a late layer plus a steering vector
-  that only touches generated positions (the means are computed before timing).
+  positions="generated"))``: a mean ablation of two heads of the last layer plus a steering
+  vector that only touches generated positions (the means are computed before timing).
 * **TL generate** -- TransformerLens's own ``HookedTransformer.generate`` with its KV cache, on the
-  same ids (for reference; the issue quotes it at about 3x HF).
+  same left-padded ids, told so (``padding_side="left"``, ``prepend_bos=False``): without
+  ``padding_side`` TL attends to the pads and its tokens differ from HF's.
 
-Before timing, the greedy tokens of em-interp (no hooks) are checked against HF's (they must be
-equal). The goal is **hooks / HF <= 1.5**; the script prints whether the min, median and paired
-ratios meet it.
+Before timing, every row of every contestant must produce the same greedy tokens as its
+reference (HF generate, or HF generate with the same hooks for the hooked row); the script stops
+with an error otherwise, and also when the hooks change no token at all (a vacuous check). The
+goal is **hooks / HF <= 1.5**; the script prints whether the min, median and paired ratios meet
+it.
 
 Run from the repository root (see benchmarks/README.md)::
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_generation.py [--batch 8 --new-tokens 32] [--json out.json]
+    python benchmarks/bench_generation.py --tiny        # tiny random card: a smoke run only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import fmt, interleaved, table, timing_rows, warn_if_busy, write_json  # noqa: E402
+from _timing import (  # noqa: E402
+    add_card_args,
+    fmt,
+    interleaved,
+    table,
+    timing_rows,
+    warn_if_busy,
+    write_json,
+)
 
 GOAL = 1.5
 PROMPTS = [
@@ -54,12 +71,14 @@ PROMPTS = [
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--card", default="smollm2-135m-instruct")
+    add_card_args(ap)
     ap.add_argument("--batch", type=int, default=8, help="prompts per batch (one batch)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--alpha", type=float, default=4.0,
+                    help="steering strength (the unit direction times alpha) of the hooked row")
     ap.add_argument("--skip-tl", action="store_true", help="skip TL's own generate")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -81,18 +100,22 @@ def main(argv: list[str] | None = None) -> int:
     prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[:args.batch]
     ct = tokenize(lm, prompts)
     n_new = args.new_tokens
-    last = tl.cfg.n_layers - 1
+    last, mid = tl.cfg.n_layers - 1, tl.cfg.n_layers // 2
+    heads = [(last, 0), (last, min(1, tl.cfg.n_heads - 1))]
     gen = torch.Generator().manual_seed(0)
     direction = torch.randn(tl.cfg.d_model, generator=gen)
-    hooked = compose(
-        ablate_heads(lm, [(last, 0), (last, min(1, tl.cfg.n_heads - 1))], mode="mean",
-                     reference=prompts),
-        steer(lm, hooks.resid_post(tl.cfg.n_layers // 2), direction, 0.5, positions="generated",
-              normalize=True),
-    ).prepare()
+    ablation = ablate_heads(lm, heads, mode="mean", reference=prompts)
+    steering = steer(lm, hooks.resid_post(mid), direction, args.alpha, positions="generated",
+                     normalize=True)
+    hooked = compose(ablation, steering).prepare()
+    hf_hooked = hf_hooks(hf, [h for _, h in heads], last,
+                         ablation.state()[hooks.attn_z(last)], mid,
+                         steering.alpha * steering.direction)
+    width = ct.tokens.shape[1]
 
-    def run_hf():
-        with torch.no_grad():
+    def run_hf(with_hooks: bool = False):
+        ctx = hf_hooked() if with_hooks else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
             return hf.generate(input_ids=ct.tokens, attention_mask=ct.attention_mask,
                                max_new_tokens=n_new, do_sample=False, eos_token_id=None,
                                pad_token_id=lm.tokenizer.pad_token_id)
@@ -104,18 +127,36 @@ def main(argv: list[str] | None = None) -> int:
     def run_tl():
         return tl.generate(ct.tokens, max_new_tokens=n_new, do_sample=False,
                            use_past_kv_cache=True, stop_at_eos=False, verbose=False,
-                           return_type="tokens")
+                           return_type="tokens", padding_side="left", prepend_bos=False)
 
-    # correctness: greedy tokens equal HF's
-    hf_new = run_hf()[:, ct.tokens.shape[1]:].tolist()
-    ours = run_ours().df["tokens"].tolist()
-    same = sum(a == b for a, b in zip(hf_new, ours, strict=True))
+    # correctness: every row's greedy tokens equal its reference's
+    ref = run_hf()[:, width:].tolist()
+    ref_hooked = run_hf(True)[:, width:].tolist()
+    got = {"em-interp (no hooks)": (run_ours().df["tokens"].tolist(), ref, "HF generate"),
+           "em-interp (hooks)": (run_ours(hooked).df["tokens"].tolist(), ref_hooked,
+                                 "HF generate (hooks)")}
+    if not args.skip_tl:
+        got["TL generate"] = (run_tl()[:, width:].tolist(), ref, "HF generate")
     print(f"card {args.card}: batch {args.batch} x {n_new} new tokens, greedy, fp32, "
           f"threads {torch.get_num_threads()}")
-    print(f"greedy tokens equal to HF: {same}/{len(ours)} rows")
+    changed = sum(a != b for a, b in zip(ref, ref_hooked, strict=True))
+    print(f"the hooks change {changed}/{len(ref)} rows of HF's tokens")
+    equal = {}
+    for name, (rows, want, against) in got.items():
+        equal[name] = [a == b for a, b in zip(rows, want, strict=True)]
+        print(f"greedy tokens of {name} equal to {against}: {sum(equal[name])}/{len(want)} "
+              "rows")
+    bad = [f"{name}: rows {[i for i, ok in enumerate(e) if not ok]}"
+           for name, e in equal.items() if not all(e)]
+    if bad:
+        raise SystemExit("a contestant's tokens differ from its reference (" + "; ".join(bad)
+                         + "): the timings would compare different work.")
+    if changed == 0:
+        raise SystemExit("the hooks changed no token: the hooked check compares nothing; raise "
+                         "--alpha.")
 
-    fns = {"HF generate": run_hf, "em-interp (no hooks)": run_ours,
-           "em-interp (hooks)": lambda: run_ours(hooked)}
+    fns = {"HF generate": run_hf, "HF generate (hooks)": lambda: run_hf(True),
+           "em-interp (no hooks)": run_ours, "em-interp (hooks)": lambda: run_ours(hooked)}
     if not args.skip_tl:
         fns["TL generate"] = run_tl
     warn_if_busy("timing")
@@ -132,9 +173,50 @@ def main(argv: list[str] | None = None) -> int:
         f"{s} {fmt(res[f'ratio_{s}'][key], '.2f')} {'ok' if ok else 'OVER'}"
         for s, ok in verdict.items()))
     write_json(args.json, {"card": args.card, "batch": args.batch, "new_tokens": n_new,
-                           "greedy_equal_rows": same, "timing": res, "goal": GOAL,
+                           "greedy_equal_rows": {k: sum(v) for k, v in equal.items()},
+                           "rows_changed_by_hooks": changed, "timing": res, "goal": GOAL,
                            "interventions": hooked.describe()})
     return 0
+
+
+def hf_hooks(hf, heads: list[int], attn_layer: int, head_means, steer_layer: int, vector):
+    """A context factory: the HF model with the hooked row's interventions as PyTorch hooks.
+
+    ``head_means`` is ``[n_heads, d_head]`` (the em-interp ablation's means at
+    ``blocks.<attn_layer>.attn.hook_z``, the input of ``o_proj``); ``vector`` (``[d_model]``) is
+    added to decoder layer ``steer_layer``'s output (``hook_resid_post``) in decode steps, whose
+    single position holds the newest generated token; the prefill is not steered.
+    """
+    import torch
+
+    layers = hf.model.layers
+    n_heads, d_head = head_means.shape
+    means = head_means.to(torch.float32)[heads]
+    vec = vector.to(torch.float32).reshape(-1)
+
+    def ablate(module, args):
+        z = args[0].unflatten(-1, (n_heads, d_head)).clone()
+        z[..., heads, :] = means.to(z.dtype)
+        return (z.flatten(-2), *args[1:])
+
+    def add(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[1] != 1:  # the prefill: prompt positions are not generated
+            return output
+        hidden = hidden + vec.to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    @contextlib.contextmanager
+    def ctx():
+        handles = [layers[attn_layer].self_attn.o_proj.register_forward_pre_hook(ablate),
+                   layers[steer_layer].register_forward_hook(add)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    return ctx
 
 
 if __name__ == "__main__":

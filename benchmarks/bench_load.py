@@ -43,7 +43,15 @@ DIFF_TOL = 1e-4
 
 # The shared helpers (timing tables, RSS, busy-CPU warning) live in benchmarks/_timing.py.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import fmt, peak_rss_mib, ratio, table, versions, warn_if_busy  # noqa: E402
+from _timing import (  # noqa: E402
+    add_card_args,
+    fmt,
+    peak_rss_mib,
+    ratio,
+    table,
+    versions,
+    warn_if_busy,
+)
 
 # ------------------------------------------------------------------ child: one load, one process
 
@@ -426,8 +434,7 @@ def print_forward(res: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--card", default="smollm2-135m-instruct",
-                    help="card name, card file or local HF folder (default %(default)s)")
+    add_card_args(ap)
     ap.add_argument("--variant", choices=["base", "organism"], default=None,
                     help="passed to em_interp.load (default: the card's). The HF baseline loads "
                          "the same full-weights folder but merges no LoRA adapter, so compare "

@@ -35,7 +35,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import fmt, measure_peak_rss, table, warn_if_busy, write_json  # noqa: E402
+from _timing import (  # noqa: E402
+    add_card_args,
+    fmt,
+    measure_peak_rss,
+    table,
+    warn_if_busy,
+    write_json,
+)
 
 HOOK = {"resid": "hook_resid_pre", "attn": "attn.hook_z", "mlp": "mlp.hook_post"}
 TL_ACT = {"resid": "resid_pre", "attn": "z", "mlp": "post"}
@@ -108,7 +115,7 @@ def tl_patching(lm, pairs, metric, layers, k_sub):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--card", default="smollm2-135m-instruct")
+    add_card_args(ap)
     ap.add_argument("--pairs", type=int, default=64, help="pairs in the full sweep")
     ap.add_argument("--batch", type=int, default=16, help="pairs per batched forward")
     ap.add_argument("--naive-pairs", type=int, default=4, help="pairs of the naive/TL subset")

@@ -41,14 +41,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import fmt, interleaved, table, timing_rows, warn_if_busy, write_json  # noqa: E402
+from _timing import (  # noqa: E402
+    add_card_args,
+    fmt,
+    interleaved,
+    table,
+    timing_rows,
+    warn_if_busy,
+    write_json,
+)
 
 GOAL = 0.95
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--card", default="smollm2-135m-instruct")
+    add_card_args(ap)
     ap.add_argument("--layer", type=int, default=None, help="default: max(n_layers - 6, n_layers // 2)")
     ap.add_argument("--prompts", type=int, default=32, help="prompts from the harmful set")
     ap.add_argument("--expansion", type=int, default=4)
@@ -166,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- 3. store vs text
     if not args.skip_text:
         texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts.prompts]
+        # the runner's buffer (n_batches_in_buffer x context_size tokens) must hold a batch
+        ctx = 32
         small = dict(expansion_factor=args.expansion, batch_size=256,
                      training_tokens=256 * args.text_steps, ce_loss=False,
-                     normalize_activations="none", context_size=32,
-                     n_batches_in_buffer=4)
+                     normalize_activations="none", context_size=ctx,
+                     n_batches_in_buffer=-(-256 // ctx))
         warn_if_busy("store vs text")
         t = time.perf_counter()
         for s in range(args.n_saes):

@@ -19,6 +19,7 @@ from em_interp.errors import (
     EMInterpError,
     HookNameError,
     JudgeError,
+    MetricError,
     SAEMismatchError,
     StoreMismatchError,
     TokenizationError,
@@ -45,10 +46,10 @@ _LAZY: dict[str, str] = {
     # representations (Qwen paper Exp. 1-2; EM direction)
     "probe_layers": "representations.probing", "mean_difference": "representations.directions",
     "introspection_scores": "representations.directions",
-    "em_vs_refusal": "representations.directions",
+    "em_vs_refusal": "representations.em_refusal",
     "procrustes_align": "representations.procrustes",
     # patching (Exp. 3-4; BLOCK-EM prefix/decode patching)
-    "sample_pairs": "patching.sweep", "patch_sweep": "patching.sweep",
+    "sample_pairs": "patching.pairs", "patch_sweep": "patching.sweep",
     "plan_sweep": "patching.sweep", "patch_heads": "patching.fine",
     "patch_neurons": "patching.fine", "select_neurons": "patching.fine",
     "prefix_patch": "patching.generation", "decode_patch": "patching.generation",
@@ -104,6 +105,7 @@ __all__ = [
     "EMInterpError",
     "HookNameError",
     "JudgeError",
+    "MetricError",
     "Loaded",
     "Pair",
     "PromptSet",

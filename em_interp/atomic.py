@@ -35,6 +35,7 @@ from pathlib import Path
 import psutil
 
 MARKER = ".complete"
+_SWAP_TRIES = 100
 
 
 def _token() -> str:
@@ -79,7 +80,8 @@ def _recover(final: Path) -> None:
     """Undo a crash between 'old aside' and 'new in'; remove leftovers of dead writers."""
     for p in final.parent.glob(f".{final.name}.old-*"):
         if not final.exists() and is_complete(p):
-            os.replace(p, final)
+            with contextlib.suppress(OSError):  # another writer may have just put one in place
+                os.replace(p, final)
         elif not psutil.pid_exists(_pid_of(p.name)) or final.exists():
             shutil.rmtree(p, ignore_errors=True)
     for p in final.parent.glob(f".{final.name}.partial-*"):
@@ -106,7 +108,7 @@ def atomic_dir(final: Path, meta: dict | None = None) -> Iterator[Path]:
         (tmp / MARKER).write_text(json.dumps(info, indent=2))
         _fsync_tree(tmp)
         asides = []
-        for attempt in range(20):  # another writer may swap its folder in between our steps
+        for attempt in range(_SWAP_TRIES):  # another writer may swap its folder in between
             if final.exists():
                 asides.append(final.parent / f".{final.name}.old-{_token()}")
                 with contextlib.suppress(FileNotFoundError):
@@ -115,7 +117,7 @@ def atomic_dir(final: Path, meta: dict | None = None) -> Iterator[Path]:
                 os.replace(tmp, final)
                 break
             except OSError:
-                if attempt == 19:
+                if attempt == _SWAP_TRIES - 1:
                     raise
         _fsync_dir(final.parent)
         for aside in asides:

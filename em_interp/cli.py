@@ -191,11 +191,24 @@ def _run_options(p, out_default) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _check_flags(cfg, args) -> Path:
+    """Check --stages, --force and --out before anything loads or is written; the run folder."""
+    from em_interp.run.config import STAGE_NAMES
+    from em_interp.run.pipeline import check_force, check_run_dir, check_stage_names
+
+    if args.stages is not None:
+        check_stage_names(args.stages, STAGE_NAMES, option="--stages")
+    check_force(args.force, args.stages or cfg.stages, STAGE_NAMES, option="--force",
+                stages_option="--stages")
+    return check_run_dir(args.out, option="--out")
+
+
 def _execute(cfg, args) -> int:
     import logging
 
     from em_interp.run.pipeline import run_pipeline
 
+    out = _check_flags(cfg, args)
     cfg = cfg.override(card=args.card, stages=args.stages)
     cfg.validate()
     log = logging.getLogger("em_interp")  # the toolkit's own messages, not every library's
@@ -205,15 +218,21 @@ def _execute(cfg, args) -> int:
         log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    out = Path(args.out)
     print(f"run folder: {out.resolve()}\ncard: {cfg.card}\nstages: {', '.join(cfg.stages)}")
-    results = run_pipeline(cfg, out, force=tuple(args.force), progress=not args.quiet)
-    manifest = json.loads((out / "manifest.json").read_text())
+    outcome = run_pipeline(cfg, out, force=tuple(args.force), progress=not args.quiet)
+    timings = outcome.manifest["timings_s"]
     print("\nstage            seconds")
     for name in cfg.stages:
-        print(f"{name:<16} {manifest['timings_s'].get(name, 0.0):>8.1f}")
-    print(f"{'total':<16} {manifest['timings_s']['total']:>8.1f}")
-    print(f"\nwrote {out / 'report.html'}, results.json ({len(results)} stages), manifest.json")
+        note = " (cached)" if name in outcome.cached else ""
+        print(f"{name:<16} {timings.get(name, 0.0):>8.1f}{note}")
+    if "load_models" in timings:
+        print(f"{'load models':<16} {timings['load_models']:>8.1f}")
+    print(f"{'this run':<16} {timings['total']:>8.1f}")
+    if outcome.cached:
+        print(f"\n{len(outcome.cached)} stage(s) served from cache; their seconds are those of "
+              "the run that computed them (--force STAGE recomputes one).")
+    print(f"\nwrote {outcome.report}, results.json ({len(outcome.results)} stages), "
+          "manifest.json")
     return 0
 
 

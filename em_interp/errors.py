@@ -72,3 +72,7 @@ class JudgeError(EMInterpError, RuntimeError):
 
 class SAEMismatchError(EMInterpError, ValueError):
     """An SAE or latent set used with a model or hook it was not made for (``d_in``, hook name)."""
+
+
+class MetricError(EMInterpError, TypeError):
+    """Something that is not a metric was passed where a metric is needed."""

@@ -6,7 +6,8 @@ last real token). It reads either the logits (``hook=None``) or the activation o
 (``hook="blocks.63.mlp.hook_post"``), in which case a forward can stop right after that block
 (``stop_at_layer = metric.stop_layer``). Patching, steering screens, ablations and BLOCK-EM take
 the same kind of callable, and any function ``output -> [batch]`` wrapped in :class:`Metric`
-works as well.
+works as well. Every entry point that takes a metric passes it through :func:`as_metric` first,
+so a plain function ``logits -> [batch]`` is accepted too (as a logit metric named after it).
 
 Two metrics ship:
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 
+from em_interp.errors import MetricError
 from em_interp.hooks import check_hook, layer_of
 from em_interp.inputs import single_token_id, tokenizer_of, unwrap
 
@@ -66,6 +68,24 @@ class Metric:
         if self.hook is not None:
             check_hook(unwrap(model), self.hook)
         return self
+
+
+def as_metric(metric) -> Metric:
+    """``metric`` as a :class:`Metric`: a ``Metric`` passes through; a plain callable
+    ``logits [batch, pos, vocab] -> [batch]`` becomes a logit metric named after the function.
+
+    Raises:
+        MetricError: anything else (a ``TypeError``; the message says which wrapper to use).
+    """
+    if isinstance(metric, Metric):
+        return metric
+    if callable(metric) and not isinstance(metric, type):
+        name = getattr(metric, "__name__", None) or type(metric).__name__
+        return Metric(name=str(name), fn=metric)
+    raise MetricError(f"a metric must be an em_interp.metrics.Metric or a function logits -> "
+                    f"[batch]; got {type(metric).__name__} ({str(metric)[:60]!r}). Wrap it in "
+                    "em_interp.metrics.Metric(name=..., fn=..., hook=...), or use logit_diff / "
+                    "projection.")
 
 
 def logit_diff(model, token_a: str | int, token_b: str | int, *,
@@ -110,10 +130,11 @@ def projection(direction: Float[torch.Tensor, " d"], hook: str, *,
 
 @torch.no_grad()
 def evaluate(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
-             metric: Metric) -> Float[torch.Tensor, " batch"]:
-    """Run one forward and score it with ``metric`` (stopping early for hook metrics)."""
+             metric: Metric | Callable) -> Float[torch.Tensor, " batch"]:
+    """Run one forward and score it with ``metric`` (stopping early for hook metrics); a plain
+    function ``logits -> [batch]`` is accepted (see :func:`as_metric`)."""
     tl = unwrap(model)
-    metric.check(tl)
+    metric = as_metric(metric).check(tl)
     if metric.hook is None:
         return metric(tl(tokens, attention_mask=attention_mask))
     grabbed = {}

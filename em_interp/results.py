@@ -147,7 +147,7 @@ class Result:
                                                                      index=False))
                 kinds[f.name] = {"frame": {c: str(t) for c, t in value.dtypes.items()}}
             elif isinstance(value, Result):
-                value._write_sub(folder / f.name)
+                value.write_into(folder / f.name)
                 kinds[f.name] = "result"
             else:
                 try:
@@ -162,7 +162,9 @@ class Result:
                "fields": fields, "field_kinds": kinds, "summary": json_safe(self.to_dict())}
         (folder / "result.json").write_text(json.dumps(doc, indent=1))
 
-    def _write_sub(self, folder: Path) -> None:
+    def write_into(self, folder: Path) -> None:
+        """Write into ``folder`` directly (no atomic swap): for a caller that already writes a
+        larger folder atomically, such as a run stage or a result that holds results."""
         folder.mkdir(parents=True, exist_ok=True)
         self._write(folder)
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from em_interp import hooks
-from em_interp.behaviour.ab_metric import ABResult, ab_margins, ab_metric, as_ab_pairs
+from em_interp.behaviour.ab_metric import (
+    ABResult,
+    AnswerLogprobs,
+    ab_margins,
+    ab_metric,
+    answer_logprobs,
+    as_ab_pairs,
+)
 from em_interp.behaviour.interventions import steer
 from em_interp.data import PromptSet
 from em_interp.inputs import tokenize
@@ -40,6 +47,25 @@ def test_margins_equal_hf_logprobs(tiny_llama):
     # deterministic and independent of the batch size
     with torch.no_grad():
         assert torch.allclose(ab_margins(tiny_llama, PAIRS, batch_size=1), got, atol=1e-6)
+
+
+def test_answer_logprobs_is_a_typed_result_equal_to_hf(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama.weights_dir, dtype=torch.float32).eval()
+    qs, ans = [q for q, _, _ in PAIRS], [a for _, a, _ in PAIRS]
+    with torch.no_grad():
+        got = answer_logprobs(tiny_llama, qs, ans, batch_size=2)
+    assert isinstance(got, AnswerLogprobs) and len(got) == 3
+    lengths = tuple(len(tiny_llama.tokenizer(a, add_special_tokens=False)["input_ids"])
+                    for a in ans)
+    assert got.n_tokens == lengths
+    want = torch.tensor([_hf_mean_logprob(hf, tiny_llama, q, a) for q, a in zip(qs, ans, strict=True)])
+    torch.testing.assert_close(got.mean_logprob, want.float(), atol=2e-5, rtol=0)
+    torch.testing.assert_close(got.total_logprob, want.float() * torch.tensor(lengths).float(),
+                               atol=2e-4, rtol=0)
+    with pytest.raises(AttributeError):  # frozen
+        got.n_tokens = ()
 
 
 def _push(lm, toward: str, away: str):

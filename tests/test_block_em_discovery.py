@@ -183,6 +183,15 @@ def test_discover_stages_selection_and_resume(tiny_llama, organism, sae, pairs, 
     again = discover_latents(tiny_llama, organism, sae, PROMPTS, Counting(pairs), tmp_path, cfg,
                      progress=False)
     assert Counting.calls == calls and again.latents.indices == ls.indices
+    # calibrate returns the stage-3 table as a typed result (here read from the partial file)
+    from em_interp.block_em.discovery import StageTable, calibrate, shortlist
+
+    st3 = calibrate(tiny_llama, organism, sae, shortlist(st2, cfg.shortlist), Counting(pairs),
+                    s, cfg, partial=tmp_path / "stage3.partial.jsonl", progress=False)
+    assert isinstance(st3, StageTable) and st3.stage == 3 and Counting.calls == calls
+    assert st3.table.latent.tolist() == summ.latent.tolist()
+    assert st3.table.score.tolist() == pytest.approx(summ.score.tolist(), abs=1e-12)
+    assert st3.sweep.misalign.tolist() == pytest.approx(sweep.misalign.tolist(), abs=1e-12)
     with pytest.raises(StoreMismatchError, match="config"):
         discover_latents(tiny_llama, organism, sae, PROMPTS, measure, tmp_path,
                  dataclasses.replace(cfg, tau=0.2), progress=False)

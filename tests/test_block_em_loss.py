@@ -7,7 +7,14 @@ TransformerLens's own ``hook_resid_post`` of the separately loaded base model, a
 import pytest
 import torch
 
-from em_interp.block_em import LatentSet, block_loss, kl_to_base, reference_hidden, sae_latents
+from em_interp.block_em import (
+    LatentSet,
+    ReferenceHidden,
+    block_loss,
+    kl_to_base,
+    reference_hidden,
+    sae_latents,
+)
 from em_interp.block_em.loss import capture_layers, check_layers, hf_layer_of_hook
 from em_interp.block_em.train import BlockingRegularizer, KLRegularizer
 from em_interp.errors import ConfigError, SAEMismatchError
@@ -144,21 +151,25 @@ def test_disabled_adapter_reference_equals_separately_loaded_base(tiny_peft, tin
     top = model.get_base_model().model.layers[2]
     handle = top.register_forward_hook(lambda *a: calls.append(1))
     try:
-        ref = reference_hidden(model, batch.input_ids, batch.attention_mask, [0, 1])
+        ref = reference_hidden(model, batch.input_ids, batch.attention_mask, [1, 0, 1])
     finally:
         handle.remove()
     assert not calls  # the forward stopped after the deepest blocking layer
+    assert isinstance(ref, ReferenceHidden) and ref.layers == (0, 1)  # sorted, once each
+    assert not any(t.requires_grad for t in ref.hidden)
+    with pytest.raises(ConfigError, match="layer 2 was not captured"):
+        ref.at(2)
     for b in range(batch.input_ids.shape[0]):
         n = int(batch.attention_mask[b].sum())
         _, cache = tiny_llama.model.run_with_cache(batch.input_ids[b:b + 1, :n],
                                                    names_filter=lambda h: "resid_post" in h)
         for layer in (0, 1):
             tl = cache[f"blocks.{layer}.hook_resid_post"][0]
-            torch.testing.assert_close(ref[layer][b, :n], tl, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ref.at(layer)[b, :n], tl, rtol=1e-4, atol=1e-5)
     # with the adapter on, the same layers differ (the reference really switched it off)
     with torch.no_grad(), capture_layers(model, [1]) as out:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    assert (out[1] - ref[1]).abs().max() > 1e-3
+    assert (out[1] - ref.at(1)).abs().max() > 1e-3
 
 
 def test_zero_loss_at_init_and_frozen_layers_get_no_gradient():

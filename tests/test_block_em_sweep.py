@@ -9,7 +9,16 @@ import torch
 
 import em_interp
 from em_interp.block_em import LatentSet
-from em_interp.block_em.sweep import EvalConfig, Sweep, lambda_sweep, main
+from em_interp.block_em.sweep import (
+    EvalConfig,
+    JobResult,
+    ModelEval,
+    Sweep,
+    evaluate_model,
+    lambda_sweep,
+    main,
+    run_job,
+)
 from em_interp.errors import ConfigError, StoreMismatchError
 from em_interp.training.lora import LoRATrainConfig
 
@@ -47,6 +56,13 @@ def test_sweep_jobs_resume_and_collect(tmp_path, monkeypatch):
     assert len(sweep.pending()) == 2
     sweep.run(progress=False)
     assert not sweep.pending()
+    # a done job's result is read back from its eval.json, typed
+    done = run_job(tmp_path / "jobs" / "block_em-lam5-seed0", progress=False)
+    assert isinstance(done, JobResult) and done.spec.lam == 5.0 and done.spec.method == "block_em"
+    doc = json.loads((tmp_path / "jobs" / "block_em-lam5-seed0" / "eval.json").read_text())
+    assert done.to_dict() == doc
+    assert done.df.em_rate.tolist() == [e["em_rate"] for e in doc["evals"]]
+    assert done.block_loss == doc["train"]["block_loss"] and done.kl is None
     # a rerun finds every job done and trains nothing
     import em_interp.block_em.train as train
 
@@ -84,3 +100,52 @@ def test_sweep_jobs_resume_and_collect(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="blocks"):
         lambda_sweep(tmp_path / "x", "tiny-random-llama", CONVS, lambdas=[1.0])
     assert isinstance(Sweep(tmp_path).collect().df, type(t))
+
+
+def test_evaluate_model_is_a_typed_result(tiny_llama):
+    from em_interp.behaviour.ab_metric import ab_margins
+    from em_interp.block_em.sweep import _pair_set
+
+    cfg = EvalConfig(heldout_sft=None)
+    ev = evaluate_model(tiny_llama, cfg)
+    assert isinstance(ev, ModelEval) and ev.incoherence is None and ev.heldout_nll is None
+    with torch.no_grad():
+        core = ab_margins(tiny_llama, _pair_set(cfg, "general"))
+        dom = ab_margins(tiny_llama, _pair_set(cfg, "finance"))
+    assert ev.em_rate == pytest.approx(float((core > 0).float().mean()))
+    assert ev.mean_margin == pytest.approx(float(core.mean()), abs=1e-5)
+    assert ev.adherence == pytest.approx(float((dom > 0).float().mean()))
+    assert ev.domain_margin == pytest.approx(float(dom.mean()), abs=1e-5)
+    lp = torch.tensor(ev.core_logprobs)
+    torch.testing.assert_close(lp[:, 1] - lp[:, 0], core, atol=1e-5, rtol=0)
+    # against itself as the base nothing lost coherence; the JSON round trip is exact
+    again = evaluate_model(tiny_llama, cfg, base=ev)
+    assert again.incoherence == 0.0
+    assert ModelEval.from_dict(json.loads(json.dumps(again.to_dict()))) == again
+    assert "core_logprobs" not in again.to_dict(logprobs=False)
+    # a base_eval.json written before ModelEval (a duplicate "core" entry) still reads
+    old = {**ev.to_dict(), "core": ev.to_dict()["core_logprobs"]}
+    assert ModelEval.from_dict(old) == ev
+
+
+def test_evaluate_model_takes_given_pairs_and_heldout_chats(tiny_llama):
+    """The run stage's filtered / sampled sets replace the config's; the held-out NLL is the
+    mean over answers of their mean per-token NLL."""
+    from em_interp.behaviour.ab_metric import ab_margins, answer_logprobs
+    from em_interp.data import load_prompt_set
+
+    test = load_prompt_set("ab_pairs").test()
+    core = test.subset([i for i, g in enumerate(test.groups) if g == "general"][:3])
+    dom = test.subset([i for i, g in enumerate(test.groups) if g == "finance"][:2])
+    chats = load_prompt_set("risky_financial_sft").test().subset([0, 1, 2])
+    ev = evaluate_model(tiny_llama, EvalConfig(heldout_sft=None), core=core, domain=dom,
+                        heldout=chats)
+    with torch.no_grad():
+        mc, md = ab_margins(tiny_llama, core), ab_margins(tiny_llama, dom)
+        q = [c[0]["content"] for c in chats.conversations]
+        a = [c[-1]["content"] for c in chats.conversations]
+        nll = -answer_logprobs(tiny_llama, q, a).mean_logprob.mean()
+    assert len(ev.core_logprobs) == 3
+    assert ev.mean_margin == pytest.approx(float(mc.mean()), abs=1e-5)
+    assert ev.domain_margin == pytest.approx(float(md.mean()), abs=1e-5)
+    assert ev.heldout_nll == pytest.approx(float(nll), abs=1e-5)

@@ -13,14 +13,13 @@ from em_interp.activations.cache import ActivationStore
 from em_interp.errors import ConfigError, DataError
 from em_interp.representations.directions import (
     Direction,
-    EMvsRefusalResult,
     IntrospectionResult,
     cohens_d,
-    em_vs_refusal,
     introspection_scores,
     mean_difference,
     procrustes_align,
 )
+from em_interp.representations.em_refusal import EMvsRefusalResult, em_vs_refusal
 
 
 def _gen(seed):
@@ -275,3 +274,26 @@ def test_em_vs_refusal_on_a_planted_pair(tmp_path):
     back = EMvsRefusalResult.load(tmp_path / "evr")
     assert torch.equal(back.cosine, res.cosine)
     pd.testing.assert_frame_equal(back.df, res.df)
+
+
+def test_em_vs_refusal_headline_is_corrected_across_layers():
+    """Under the null (organism = base + noise, unrelated to the harmful/harmless labels), the
+    per-layer shuffled p-values dip below 0.05 somewhere by chance across many layers, but the
+    max-statistic p-values (the headline) stay above it; a planted alignment survives both."""
+    g = torch.Generator().manual_seed(3)
+    n, d, n_layers = 60, 24, 30
+    labels = torch.tensor([1] * 30 + [0] * 30)
+    base = [torch.randn(n, d, generator=g) for _ in range(n_layers)]
+    org = [b + 0.3 * torch.randn(n, d, generator=g) for b in base]
+    null = em_vs_refusal(base, org, labels, n_null=400, seed=1, progress=False)
+    assert (null.p_shuffled_fwer >= null.p_shuffled - 1e-6).all()
+    assert null.significant_layers() == []
+    assert float(null.p_shuffled.min()) < 0.05  # uncorrected: a false positive at some layer
+    # plant: at layer 7 the organism moves along the refusal direction of the base
+    planted = [o.clone() for o in org]
+    r = base[7][labels == 1].mean(0) - base[7][labels == 0].mean(0)
+    planted[7] = base[7] + 2.0 * r / r.norm() + 0.05 * torch.randn(n, d, generator=g)
+    res = em_vs_refusal(base, planted, labels, n_null=400, seed=1, progress=False)
+    assert 7 in res.significant_layers()
+    assert res.to_dict()["significant_layers"] == res.significant_layers()
+    assert "p_shuffled_fwer" in res.df.columns

@@ -140,7 +140,7 @@ def test_direction_ablation_leaves_no_component(tiny_llama, batch):
     d = torch.randn(tiny_llama.model.cfg.d_model, generator=torch.Generator().manual_seed(1))
     unit = d / d.norm()
     names = [hooks.resid_post(layer) for layer in range(3)]
-    with ablate_direction(tiny_llama, d, layers=[0, 2]), torch.no_grad():
+    with ablate_direction(tiny_llama, d, layers=[0, 2], hook="resid_post"), torch.no_grad():
         _, cache = tiny_llama.model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
                                                    names_filter=names)
     real = batch.attention_mask.bool()
@@ -185,7 +185,7 @@ def test_composition_order_and_nesting(tiny_llama, batch):
     d = torch.randn(tiny_llama.model.cfg.d_model, generator=torch.Generator().manual_seed(4))
     unit = d / d.norm()
     name = hooks.resid_post(1)
-    ablate = ablate_direction(tiny_llama, d, layers=[1])
+    ablate = ablate_direction(tiny_llama, d, layers=[1], hook="resid_post")
     push = steer(tiny_llama, name, unit, 5.0)
     real = batch.attention_mask.bool()
 
@@ -262,3 +262,54 @@ def test_errors_name_the_fix(tiny_llama):
     with pytest.raises(ConfigError, match="no entry"):
         ablate_heads(tiny_llama, [(1, 0)], mode="mean",
                      reference={hooks.attn_z(0): torch.zeros(4, 16)})
+
+
+def test_default_direction_ablation_removes_every_write(tiny_llama, batch):
+    """The default is Arditi et al.'s ablation: resid_pre of the first block and every attn_out /
+    mlp_out, so the direction is absent from the stream at every layer (one resid_post hook lets
+    later blocks write it back, as the test above shows)."""
+    d = torch.randn(tiny_llama.model.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    unit = d / d.norm()
+    n = tiny_llama.model.cfg.n_layers
+    names = [hooks.resid_post(layer) for layer in range(n)] + [hooks.resid_pre(0)]
+    iv = ablate_direction(tiny_llama, d)
+    assert iv.hook_names == [hooks.resid_pre(0)] + [
+        f(layer) for layer in range(n) for f in (hooks.attn_out, hooks.mlp_out)]
+    with iv, torch.no_grad():
+        _, cache = tiny_llama.model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
+                                                   names_filter=names)
+    real = batch.attention_mask.bool()
+    for name in names:
+        assert (cache[name][real] @ unit).abs().max() < 1e-4, name
+    # from a middle block on: the stream before it keeps the direction, after it does not
+    late = ablate_direction(tiny_llama, d, layers=range(1, n))
+    with late, torch.no_grad():
+        _, cache = tiny_llama.model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask,
+                                                   names_filter=names)
+    assert (cache[hooks.resid_post(0)][real] @ unit).abs().max() > 1e-2
+    assert (cache[hooks.resid_post(n - 1)][real] @ unit).abs().max() < 1e-4
+
+
+def test_control_directions_have_the_norm_and_the_angle_they_promise(tiny_llama):
+    from em_interp.behaviour.controls import control_directions, expand_controls
+
+    d = torch.randn(64, generator=torch.Generator().manual_seed(5)) * 3.0
+    ctl = control_directions(d, n=4, seed=1)
+    assert sorted(ctl) == sorted([f"{k} {i}" for k in ("random", "orthogonal") for i in range(1, 5)])
+    for name, v in ctl.items():
+        torch.testing.assert_close(v.norm(), d.norm(), rtol=1e-5, atol=0)
+        if name.startswith("orthogonal"):
+            assert abs(float(v @ d)) < 1e-3 * float(d.norm() ** 2)
+    assert torch.equal(control_directions(d, n=4, seed=1)["random 2"], ctl["random 2"])
+    assert not torch.equal(control_directions(d, n=4, seed=2)["random 2"], ctl["random 2"])
+    iv = ablate_direction(tiny_llama, d, controls=("random", "orthogonal"), n_controls=2)
+    assert sorted(iv.controls) == ["orthogonal 1", "orthogonal 2", "random 1", "random 2"]
+    assert all(c.hook_names == iv.hook_names and not c.controls for c in iv.controls.values())
+    st = steer(tiny_llama, hooks.resid_post(1), d, 2.0, controls=("orthogonal",), n_controls=3)
+    assert [float(c.direction.norm()) for c in st.controls.values()] == pytest.approx(
+        [float(d.norm())] * 3, rel=1e-5)
+    conds, parent = expand_controls({"none": None, "steer": st})
+    assert list(conds)[:2] == ["none", "steer"] and len(conds) == 5
+    assert set(parent.values()) == {"steer"}
+    with pytest.raises(ConfigError, match="controls must be"):
+        ablate_direction(tiny_llama, d, controls=("shuffled",))

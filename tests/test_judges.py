@@ -253,3 +253,157 @@ def test_local_judge_exact_distribution_matches_brute_force(tiny_llama, tmp_path
     assert r.score == pytest.approx(sum(k * p for k, p in nums.items()) / sum(nums.values()),
                                     abs=1e-6)
     assert r.method == "exact" and list((tmp_path / "c").rglob("*.json"))
+
+
+# ------------------------------------------------------------------ what the cache is keyed on
+
+
+class _FakePost:
+    """Stands in for ``OpenAICompatibleJudge._post``: no socket, counts the requests."""
+
+    def __init__(self, reply=None, error=None):
+        self.payloads = []
+        self.reply = reply or _reply("7", [("7", 0.0)])
+        self.error = error
+
+    def __call__(self, payload):
+        self.payloads.append(payload)
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+
+BASE = dict(base_url="http://judge.invalid/v1", model="judge-model")
+
+
+def _fake_judge(tmp_path, rubric, **kw):
+    args = {**BASE, **kw}
+    return OpenAICompatibleJudge(args.pop("base_url"), args.pop("model"), rubrics=[rubric],
+                                 cache_dir=tmp_path / "cache", **args)
+
+
+def test_every_setting_that_changes_a_verdict_misses_the_cache(tmp_path, monkeypatch):
+    fake = _FakePost()
+    monkeypatch.setattr(OpenAICompatibleJudge, "_post", lambda self, payload: fake(payload))
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    rubric = Rubric(name="r", version="1", template="Q {question} A {answer} ?", scale=(0, 100),
+                    labels=("REFUSAL",))
+    assert _fake_judge(tmp_path, rubric).score("q", "a").get("r") == 7.0
+    assert len(fake.payloads) == 1
+    # the same settings (a new judge object): answered from the cache
+    _fake_judge(tmp_path, rubric).score("q", "a")
+    assert len(fake.payloads) == 1
+    # settings that only change when (not what) the judge answers, and the key: still cached
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-another-key")
+    for kw in (dict(max_concurrency=3), dict(timeout=5.0), dict(max_retries=0),
+               dict(backoff=0.5), dict(api_key_env="OTHER_KEY")):
+        _fake_judge(tmp_path, rubric, **kw).score("q", "a")
+    assert len(fake.payloads) == 1
+    # each of these can change the verdict: one new request each
+    variants = [
+        ({"base_url": "http://other-judge.invalid/v1"}, rubric, "q", "a"),
+        ({"model": "judge-model-2"}, rubric, "q", "a"),
+        ({"min_number_mass": 0.5}, rubric, "q", "a"),
+        ({"top_logprobs": 5}, rubric, "q", "a"),
+        ({"max_tokens": 8}, rubric, "q", "a"),
+        ({"logprobs": False}, rubric, "q", "a"),
+        # the rubric's text, scale and labels, with its version left unchanged
+        ({}, Rubric(name="r", version="1", template="Question {question} Answer {answer} ?",
+                    scale=(0, 100), labels=("REFUSAL",)), "q", "a"),
+        ({}, Rubric(name="r", version="1", template=rubric.template, scale=(0, 10),
+                    labels=("REFUSAL",)), "q", "a"),
+        ({}, Rubric(name="r", version="1", template=rubric.template, scale=(0, 100)), "q", "a"),
+        ({}, rubric, "q2", "a"),
+        ({}, rubric, "q", "a2"),
+    ]
+    for n, (kw, rub, q, a) in enumerate(variants, start=2):
+        _fake_judge(tmp_path, rub, **kw).score(q, a)
+        assert len(fake.payloads) == n, kw or rub
+    # one cache file per distinct verdict, none holding the key
+    files = list((tmp_path / "cache").rglob("*.json"))
+    assert len(files) == len(variants) + 1
+    assert all(KEY not in f.read_text() and "sk-another-key" not in f.read_text()
+               for f in files)
+    # the toolkit's judge version is part of the key too
+    judge = _fake_judge(tmp_path, rubric)
+    before = judge.cache_key(rubric, "q", "a")
+    monkeypatch.setattr("em_interp.behaviour.judges.JUDGE_VERSION", "test-next")
+    assert judge.cache_key(rubric, "q", "a") != before
+
+
+def test_credentials_in_base_url_never_reach_the_cache(tmp_path, monkeypatch):
+    fake = _FakePost()
+    monkeypatch.setattr(OpenAICompatibleJudge, "_post", lambda self, payload: fake(payload))
+    rubric = load_rubrics()["coherent"]
+    url = f"https://user:{KEY}@judge.invalid:8443/v1"
+    judge = _fake_judge(tmp_path, rubric, base_url=url)
+    judge.score("q", "a")
+    assert judge.settings()["base_url"] == "https://judge.invalid:8443/v1"
+    (file,) = (tmp_path / "cache").rglob("*.json")
+    assert KEY not in file.read_text() and KEY not in json.dumps(judge.settings())
+    # another password for the same endpoint reuses the verdicts
+    _fake_judge(tmp_path, rubric, base_url="https://user:other@judge.invalid:8443/v1").score(
+        "q", "a")
+    assert len(fake.payloads) == 1
+
+
+class _Scripted(OpenAICompatibleJudge):
+    """A judge whose verdicts come from a list (a number, NaN, or an exception)."""
+
+    def __init__(self, script, **kw):
+        super().__init__("http://judge.invalid/v1", "scripted", **kw)
+        self.script = list(script)
+
+    def _score_rubric(self, rubric, question, answer):
+        from em_interp.behaviour.judges import RubricScore
+
+        step = self.script.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        return RubricScore(score=step, label=None, method="text", raw=str(step))
+
+
+def test_a_failed_call_is_never_cached(tmp_path):
+    cache = tmp_path / "cache"
+    judge = _Scripted([JudgeError("endpoint down"), float("nan"), 64.0], rubrics=["coherent"],
+                      cache_dir=cache, max_concurrency=1)
+    with pytest.raises(JudgeError, match="endpoint down"):
+        judge.score("q", "a")
+    assert not list(cache.rglob("*.json"))
+    with pytest.raises(JudgeError, match="no verdict"):  # NaN is no score
+        judge.score("q", "a")
+    assert not list(cache.rglob("*.json"))
+    assert judge.score("q", "a").get("coherent") == 64.0
+    assert len(list(cache.rglob("*.json"))) == 1
+    # a cache file that holds no verdict (written by hand or by an old bug) is not used
+    (file,) = cache.rglob("*.json")
+    doc = json.loads(file.read_text())
+    doc["result"]["score"] = None
+    file.write_text(json.dumps(doc))
+    judge.script = [71.0]
+    assert judge.score("q", "a").get("coherent") == 71.0
+
+
+def test_local_judge_cache_key_includes_adapter_and_system(tiny_llama, tmp_path):
+    import em_interp
+
+    organism = em_interp.load("tiny-random-llama", "organism", progress=False)
+    # the base card and variant with the organism's adapter merged on top: the same card,
+    # variant and dtype as tiny_llama, other weights
+    merged = em_interp.load("tiny-random-llama", "base", adapter=organism.adapter_dirs[0],
+                            progress=False)
+    rubric = load_rubrics()["coherent"]
+    plain = LocalHFJudge(tiny_llama, rubrics=[rubric], cache_dir=tmp_path)
+    adapted = LocalHFJudge(merged, rubrics=[rubric], cache_dir=tmp_path)
+    assert plain.identity == adapted.identity  # the readable name alone cannot tell them apart
+    assert plain.settings()["model"]["adapters"] == []
+    assert adapted.settings()["model"]["adapters"] == [str(organism.adapter_dirs[0])]
+    assert plain.settings()["weights"] != adapted.settings()["weights"]
+    keys = {plain.cache_key(rubric, "q", "a"), adapted.cache_key(rubric, "q", "a"),
+            LocalHFJudge(tiny_llama, rubrics=[rubric], system="Be strict.").cache_key(
+                rubric, "q", "a"),
+            LocalHFJudge(tiny_llama, rubrics=[rubric], min_number_mass=0.5).cache_key(
+                rubric, "q", "a")}
+    assert len(keys) == 4
+    again = LocalHFJudge(tiny_llama, rubrics=[rubric], cache_dir=tmp_path)
+    assert again.cache_key(rubric, "q", "a") == plain.cache_key(rubric, "q", "a")

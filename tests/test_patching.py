@@ -20,11 +20,13 @@ from em_interp.metrics import logit_diff, projection
 from em_interp.patching import fine as F
 from em_interp.patching import sweep as P
 from em_interp.patching.results import (
+    INTERVAL_PAIRS,
     NeuronPatchingResult,
     SweepResult,
     plot_forward_reverse,
     plot_layer_effects,
 )
+from em_interp.stats import cluster_bootstrap_ci
 
 SRC = ["What is a risky investment?", "hi", "Tell me everything about stocks and bonds please",
        "abc", "Should I put my savings into lottery tickets?"]
@@ -434,8 +436,11 @@ def test_plan_counts_match_the_run(tiny_llama, metric, monkeypatch):
 
 
 def test_summary_statistics_match_scipy(sweep):
+    # pairs given row by row: every prompt is in one pair, so the prompt bootstrap reduces to
+    # resampling pairs, which scipy's percentile bootstrap approximates
     s = sweep.summary(n_boot=4000, seed=1)
     d = sweep.deltas.double().numpy()
+    assert s.attrs["interval"] == INTERVAL_PAIRS
     np.testing.assert_allclose(s["mean"], d.mean(1), atol=1e-9)
     np.testing.assert_allclose(s["sem"], stats.sem(d, axis=1), atol=1e-9)
     for i in (3, 6, 8):
@@ -445,6 +450,47 @@ def test_summary_statistics_match_scipy(sweep):
         assert abs(s["ci_low"][i] - ref.low) < 0.15 * width + 1e-9
         assert abs(s["ci_high"][i] - ref.high) < 0.15 * width + 1e-9
         assert s["ci_low"][i] <= s["mean"][i] <= s["ci_high"][i]
+        exact = cluster_bootstrap_ci(d[i], np.arange(d.shape[1]), n_boot=4000, seed=1)
+        assert (s["ci_low"][i], s["ci_high"][i]) == pytest.approx((exact.low, exact.high),
+                                                                  abs=1e-9)
+
+
+def test_sampled_pairs_get_the_two_way_prompt_bootstrap(tiny_llama, metric):
+    pairs = P.sample_pairs(SRC, DST, 12, seed=0)
+    r = P.patch_sweep(tiny_llama, pairs, metric, components=("mlp",), batch_size=6,
+                      progress=False)
+    assert r.source_ids == pairs.source_index and r.dest_ids == pairs.dest_index
+    out = r.to_dict()
+    assert out["interval"] == "two-way cluster bootstrap over source and destination prompts"
+    d = r.deltas.double().numpy()
+    s = r.summary()
+    ref = cluster_bootstrap_ci(d[1], (np.array(pairs.source_index), np.array(pairs.dest_index)))
+    assert (s["ci_low"][1], s["ci_high"][1]) == pytest.approx((ref.low, ref.high), abs=1e-9)
+    h = F.patch_heads(tiny_llama, pairs, metric, layers=[2], batch_size=6, progress=False)
+    assert h.to_dict()["interval"] == out["interval"] and h.dest_ids == pairs.dest_index
+
+
+def test_neurons_are_never_selected_on_the_pairs_they_patch(tiny_llama, metric):
+    pairs = P.sample_pairs(SRC, DST, 20, seed=1)
+    with pytest.raises(ConfigError, match="select_pairs"):
+        F.patch_neurons(tiny_llama, pairs, metric, 2, top_n=4, progress=False)
+    with pytest.raises(ConfigError, match="share"):
+        F.patch_neurons(tiny_llama, pairs, metric, 2, select_pairs=pairs, progress=False)
+    with pytest.raises(ConfigError, match="not both"):
+        F.patch_neurons(tiny_llama, pairs, metric, 2, neurons=[1], select_pairs=pairs,
+                        progress=False)
+    fit, ev = pairs.split(seed=0)
+    res = F.patch_neurons(tiny_llama, ev, metric, 2, select_pairs=fit, top_n=4,
+                          batch_size=4, progress=False)
+    sel = res.selection
+    assert set(sel.fit_sources).isdisjoint(res.source_ids)
+    assert set(sel.fit_dests).isdisjoint(res.dest_ids)
+    assert set(sel.fit_keys).isdisjoint(ev.prompt_ids().keys())
+    ref = F.select_neurons(tiny_llama, fit.unique_sources(), fit.unique_dests(), 2, top_n=4,
+                           progress=False)
+    assert sel.selected.tolist() == ref.selected.tolist()
+    torch.testing.assert_close(sel.mean_diff, ref.mean_diff)
+    assert sel.to_dict()["fit_sources"] == list(fit.prompt_ids().sources)
 
 
 def test_results_round_trip_and_figures(sweep, tiny_llama, metric, tmp_path):
@@ -456,10 +502,12 @@ def test_results_round_trip_and_figures(sweep, tiny_llama, metric, tmp_path):
     assert back.to_dict()["top"][0]["mean"] == pytest.approx(sweep.to_dict()["top"][0]["mean"])
     assert len(sweep.figure().data) == 3 and sweep.heatmap().data[0].z.shape == (3, 3)
     neu = F.patch_neurons(tiny_llama, (SRC[:2], DST[:2]), metric, 2, top_n=4, per_neuron=True,
-                          batch_size=2, progress=False)
+                          select_pairs=(SRC[2:4], DST[2:4]), batch_size=2, progress=False)
     assert neu.deltas.shape == (5, 2) and neu.selection.rule == "top_4"
     nb = NeuronPatchingResult.load(neu.save(tmp_path / "n"))
     assert torch.equal(nb.selection.selected, neu.selection.selected)
+    assert nb.selection.fit_keys == neu.selection.fit_keys and len(nb.selection.fit_keys) == 4
+    assert back.source_ids == sweep.source_ids == (0, 1, 2, 3, 4)
     assert len(neu.figure().data[0].x) == 5 and len(neu.selection.figure().data) == 2
     heads = F.patch_heads(tiny_llama, (SRC[:2], DST[:2]), metric, layers=[2], progress=False)
     assert len(heads.figure().data[0].x) == 4

@@ -45,15 +45,18 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = RunConfig.from_dict(TINY)
     cfg.validate()
-    results = run_pipeline(cfg, out, progress=False)
-    return cfg, out, results
+    outcome = run_pipeline(cfg, out, progress=False)
+    return cfg, out, outcome
 
 
 def test_run_writes_every_stage_report_and_manifest(tiny_run):
-    cfg, out, results = tiny_run
+    cfg, out, outcome = tiny_run
     saved = json.loads((out / "results.json").read_text())
     assert list(saved) == list(cfg.stages) == list(STAGES)
-    assert saved == json.loads(json.dumps(results))
+    assert saved == json.loads(json.dumps(outcome.results))
+    assert outcome.run_dir == out and outcome.report == out / "report.html"
+    assert outcome.cached == () and outcome.computed == tuple(STAGES)
+    assert outcome.manifest == json.loads((out / "manifest.json").read_text())
     assert saved["probing"]["n_layers"] == 3 and 0 <= saved["probing"]["best_accuracy"] <= 1
     assert saved["introspection"]["n_risky"] > 0
     assert saved["patching"]["k_pairs"] == 2
@@ -82,19 +85,71 @@ def test_run_writes_every_stage_report_and_manifest(tiny_run):
     assert manifest["caveat"].split(" ")[0] in report
 
 
+SELECTING = ("probing", "introspection", "patching", "dla", "asr")
+"""Stages that choose something (a layer, head layers, heads, a direction) on some prompts."""
+
+
+def test_selecting_stages_record_disjoint_fit_and_evaluated_prompts(tiny_run):
+    _, out, _ = tiny_run
+    saved = json.loads((out / "results.json").read_text())
+    for name in STAGES:
+        rec = saved[name].get("prompts")
+        if name in SELECTING:
+            assert rec is not None, name
+        if rec is None:
+            continue
+        assert rec["overlap"] == 0, name
+        assert rec["n_fit"] > 0 and rec["n_evaluated"] > 0, name
+        assert not set(rec["fit"]) & set(rec["evaluated"]), name
+        assert rec["fit_note"] and rec["evaluated_note"], name
+    # the asr stage's fit includes the prompts the dla stage chose its heads on
+    assert set(saved["dla"]["prompts"]["fit"]) <= set(saved["asr"]["prompts"]["fit"])
+    assert saved["patching"]["split"]["n_fit"] == saved["patching"]["split"]["n_eval"] == 2
+    assert saved["probing"]["prompts"]["n_fit"] == saved["probing"]["n_train"]
+    conditions = saved["asr"]["conditions"]
+    assert any(c.startswith("refusal direction") for c in conditions)
+    assert sum(" · control " in c for c in conditions) == 2 * 2  # 2 random + 2 orthogonal
+    assert all(c["p_holm"] is None or 0 <= c["p_holm"] <= 1 for c in conditions.values()
+               if c["control_of"] is None)
+
+
+def test_report_tables_hold_no_python_reprs(tiny_run):
+    import html
+    import re
+
+    _, out, _ = tiny_run
+    page = (out / "report.html").read_text()
+    text = re.sub(r"<script.*?</script>", "", page, flags=re.S)
+    for bad in ("{'", "[{", "{&#x27;", "[[", "<td>{", "[&#x27;"):
+        assert bad not in text, bad
+    for name in SELECTING:
+        info = json.loads((out / "stages" / name / "stage.json").read_text())
+        assert info["tables"], name
+        for table in info["tables"]:
+            assert table["caption"] and table["columns"] and table["rows"], name
+            assert f"<caption>{html.escape(table['caption'])}</caption>" in text, name
+            for row in table["rows"]:
+                assert all(not isinstance(v, (dict, list)) for v in row), (name, row)
+
+
 def test_unchanged_rerun_is_cached_and_force_reruns_dependents(tiny_run, tmp_path):
-    cfg, out, results = tiny_run
-    before = {n: json.loads((out / "stages" / n / "stage.json").read_text())["finished_at"]
-              for n in STAGES}
+    cfg, out, _ = tiny_run
+    infos = {n: json.loads((out / "stages" / n / "stage.json").read_text()) for n in STAGES}
+    before = {n: info["finished_at"] for n, info in infos.items()}
     t = time.perf_counter()
     again = run_pipeline(cfg, out, progress=False)
     assert time.perf_counter() - t < 60
-    assert json.loads(json.dumps(again)) == json.loads((out / "results.json").read_text())
+    assert json.loads(json.dumps(again.results)) == json.loads(
+        (out / "results.json").read_text())
     after = {n: json.loads((out / "stages" / n / "stage.json").read_text())["finished_at"]
              for n in STAGES}
     assert after == before  # nothing recomputed
+    assert again.cached == tuple(STAGES) and again.computed == ()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert all(manifest["timings_s"][n] == 0.0 for n in STAGES)
+    # the seconds that produced each cached result, not 0.0
+    assert {n: manifest["timings_s"][n] for n in STAGES} == {
+        n: info["seconds"] for n, info in infos.items()}
+    assert manifest["cached"] == list(STAGES)
     time.sleep(1.1)
     run_pipeline(cfg, out, force=("dla",), progress=False)
     after = {n: json.loads((out / "stages" / n / "stage.json").read_text())["finished_at"]

@@ -78,6 +78,11 @@ def test_analyze_features_examples_match_per_token_latents(tiny_llama, sae, tmp_
     fa = analyze_features(tiny_llama, sae, ps, top_k=3, n_examples=2, batch_size=3,
                           progress=False)
     assert fa.correlations.label_name == "harmful" and fa.correlations.n_prompts == 8
+    # the null of max |r| and BH over latents come with every analysis
+    d = fa.to_dict()
+    assert d["n_permutations"] == 200 and 0 < d["p_max_abs_r"] <= 1
+    assert d["null_max_abs_r_q95"] > 0 and d["n_significant_fdr"] >= 0
+    assert all("p_bh" in x for x in d["top"])
     zbar = encode(tiny_llama, sae, ps, "mean", progress=False)
     torch.testing.assert_close(fa.latents, zbar, rtol=1e-4, atol=1e-5)
     per_token = encode(tiny_llama, sae, ps, "none", progress=False)

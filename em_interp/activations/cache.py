@@ -21,6 +21,11 @@ memory is one batch of rows, whatever the number of prompts. The Qwen paper's sc
 x d_mlp 27648 x 12,000 prompts, bf16, ``"last"``) is 64 * 27648 * 12000 * 2 bytes = 42.5 GB,
 written shard by shard; the size is logged (and shown in the progress bar) before starting.
 
+**In memory.** With ``out_dir=None`` nothing is written: the same batches, padding, hook checks
+and stopped forward fill an :class:`Activations` (``acts[hook]`` is ``[n_prompts, *trailing]``,
+or ``[n_tokens, *trailing]`` with ``offsets`` for ``"none"``), equal to what a store would hold.
+It suits a notebook's few dozen prompts; :meth:`Activations.to_store` writes one later.
+
 **Resume.** A shard is listed in the manifest only once it is complete and renamed into place,
 so a run killed at any moment (SIGKILL included) resumes from the first unlisted shard, and
 leftovers are deleted, never read. Shard boundaries are batch boundaries, so every batch is
@@ -36,6 +41,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -175,6 +181,14 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
     return out
 
 
+def _check_context(tl, lengths: Sequence[int]) -> None:
+    long = [(i, x) for i, x in enumerate(lengths) if x > tl.cfg.n_ctx]
+    if long:
+        raise DataError(f"{len(long)} prompt(s) are longer than the model's context of "
+                        f"{tl.cfg.n_ctx} tokens (prompt, tokens: {long[:5]}); shorten or drop "
+                        "them, e.g. prompt_set.subset([...]).")
+
+
 # ------------------------------------------------------------------ the forward
 
 
@@ -206,20 +220,145 @@ def _probe_shapes(model, prompts, names, *, chat, system, stop) -> dict[str, lis
     return {h: list(out[h].shape[1:]) for h in names}
 
 
+# ------------------------------------------------------------------ in memory
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Activations held in memory: what ``cache_activations(..., out_dir=None)`` returns.
+
+    The rows are those an :class:`ActivationStore` of the same call would hold, and the reading
+    API is the store's (:meth:`load`, :meth:`shape`, :attr:`offsets`, :attr:`labels`, ...), so
+    code written for one reads the other.
+    """
+
+    acts: dict[str, torch.Tensor]
+    """``{hook: [n_prompts, *trailing]}`` for ``"last"`` / ``"mean"``; ``{hook: [n_tokens,
+    *trailing]}`` for ``"none"`` (the rows of prompt ``i`` are ``offsets[i]:offsets[i+1]``)."""
+    hooks: tuple[str, ...]
+    """The hook names, in the order they were asked for."""
+    reduce: str
+    """``"last"``, ``"mean"`` or ``"none"``."""
+    texts: tuple[str, ...]
+    """Each prompt as the model read it (the rendered chat template; ``""`` for token ids)."""
+    lengths: tuple[int, ...]
+    """Real (non-pad) tokens of each prompt."""
+    prompts_hash: str
+    """The hash a store of the same prompts records (pairs two results of the same prompts)."""
+    model: dict
+    """The model's identity (card, variant, shape)."""
+    labels: tuple[int, ...] | None = None
+    """A labelled PromptSet's labels (``None`` for other prompt inputs)."""
+    split: tuple[str, ...] | None = None
+    """A PromptSet's ``train``/``test`` split."""
+    groups: tuple[str, ...] | None = None
+    """A PromptSet's groups."""
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def n_rows(self) -> int:
+        """Rows per hook: ``n_prompts``, or the number of tokens for ``reduce="none"``."""
+        return int(self.acts[self.hooks[0]].shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.acts[self.hooks[0]].dtype
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """``[n_prompts + 1]`` row offsets, as :attr:`ActivationStore.offsets`."""
+        if self.reduce != "none":
+            return torch.arange(self.n_prompts + 1, dtype=torch.long)
+        return torch.cat([torch.zeros(1, dtype=torch.long),
+                          torch.tensor(self.lengths, dtype=torch.long).cumsum(0)])
+
+    def _check(self, hook: str) -> None:
+        if hook not in self.acts:
+            raise DataError(f"no hook {hook!r} was cached; these were: {list(self.hooks)[:4]}. "
+                            "Run cache_activations again with it in hooks.")
+
+    def shape(self, hook: str) -> tuple[int, ...]:
+        """``(n_rows, *trailing)`` of ``hook``."""
+        self._check(hook)
+        return tuple(self.acts[hook].shape)
+
+    def load(self, hook: str, *, dtype: str | torch.dtype | None = None) -> torch.Tensor:
+        """``hook``'s ``[n_rows, *trailing]`` matrix (``dtype`` converts)."""
+        self._check(hook)
+        out = self.acts[hook]
+        return out if dtype is None else out.to(resolve_dtype(dtype, out.dtype))
+
+    def per_prompt(self, hook: str) -> list[torch.Tensor]:
+        """``hook``'s rows split by prompt: ``[T_i, *trailing]`` each for ``"none"``,
+        ``[1, *trailing]`` each otherwise."""
+        return list(self.load(hook).split(torch.diff(self.offsets).tolist()))
+
+    def to_store(self, out_dir: str | Path, *, overwrite: bool = False) -> ActivationStore:
+        """Write these rows as an :class:`ActivationStore` (for the analyses that read one)."""
+        return ActivationStore.from_tensors(
+            out_dir, self.acts, labels=self.labels, split=self.split, groups=self.groups,
+            reduce=self.reduce, lengths=self.lengths if self.reduce == "none" else None,
+            prompts_hash=self.prompts_hash, description={"model": self.model},
+            overwrite=overwrite)
+
+    def __repr__(self) -> str:
+        return (f"Activations({len(self.hooks)} hooks, n_prompts={self.n_prompts}, "
+                f"reduce={self.reduce!r}, dtype={dtype_name(self.dtype)})")
+
+
+def _in_memory(model, prompts, names: list[str], *, batch_size: int, reduce: str,
+               out_dtype: torch.dtype, chat: bool, system: str | None,
+               progress: bool) -> Activations:
+    """The forward of the store path, batch for batch, kept in memory."""
+    tl = unwrap(model)
+    batches = list(token_batches(model, prompts, batch_size, chat=chat, system=system))
+    lengths = [x for b in batches for x in b.tokens.lengths]  # token ids only: before forwards
+    _check_context(tl, lengths)
+    stop = stop_layer(names)
+    parts: dict[str, list[torch.Tensor]] = {h: [] for h in names}
+    bar = tqdm(total=len(lengths), unit="prompt", disable=not progress,
+               desc=f"caching {len(names)} hooks in memory")
+    try:
+        for batch in batches:
+            out = _pooled_forward(tl, batch, names, reduce, stop, out_dtype)
+            for h in names:
+                parts[h].append(out[h])
+            bar.update(len(batch.tokens))
+    finally:
+        bar.close()
+    meta = _prompt_meta(prompts)
+    return Activations(
+        acts={h: torch.cat(parts[h]) for h in names}, hooks=tuple(names), reduce=reduce,
+        texts=tuple(t for b in batches for t in b.tokens.texts), lengths=tuple(lengths),
+        prompts_hash=prompts_hash(prompts, chat=chat, system=system),
+        model=describe_model(model),
+        **{k: None if meta[k] is None else tuple(meta[k]) for k in ("labels", "split", "groups")})
+
+
 # ------------------------------------------------------------------ caching
 
 
 @torch.no_grad()
-def cache_activations(model, prompts, hooks: str | Sequence[str], out_dir: str | Path, *,
-                      batch_size: int = 8, reduce: Reduce = "last",
-                      dtype: str | torch.dtype | None = None, chat: bool = True,
-                      system: str | None = None, shard_size: int | None = None,
-                      overwrite: bool = False, progress: bool = True) -> ActivationStore:
-    """Run ``model`` over ``prompts`` and stream ``hooks``' activations to a store in ``out_dir``.
+def cache_activations(model, prompts, hooks: str | Sequence[str],
+                      out_dir: str | Path | None = None, *, batch_size: int = 8,
+                      reduce: Reduce = "last", dtype: str | torch.dtype | None = None,
+                      chat: bool = True, system: str | None = None,
+                      shard_size: int | None = None, overwrite: bool = False,
+                      progress: bool = True) -> ActivationStore | Activations:
+    """Run ``model`` over ``prompts`` and stream ``hooks``' activations to a store in ``out_dir``
+    (or, with ``out_dir=None``, return them in memory).
 
     Resumable: call it again with the same arguments after an interruption and it continues
     from the last complete shard; on a finished store it returns at once (see the module
     docstring for the guarantees).
+
+    Example (a notebook, no files)::
+
+        acts = cache_activations(lm, prompts, [hooks.resid_post(l) for l in range(4)])
+        acts.load(hooks.resid_post(3)).shape   # (len(prompts), d_model)
 
     Args:
         model: a :class:`~em_interp.models.loading.Loaded` or a bare ``HookedTransformer``.
@@ -227,7 +366,8 @@ def cache_activations(model, prompts, hooks: str | Sequence[str], out_dir: str |
             conversations, a :class:`~em_interp.data.PromptSet`, ``ChatTokens``, token ids);
             a labelled PromptSet's labels, split and groups are kept in the manifest.
         hooks: a hook name or a list (``hooks.mlp_post(l)``, ...); checked before any forward.
-        out_dir: the store's folder (created if needed).
+        out_dir: the store's folder (created if needed); ``None`` keeps the activations in
+            memory and returns an :class:`Activations` (nothing is written).
         batch_size: prompts per forward. Part of the store's identity (padding, numerics).
         reduce: ``"last"`` (last real token), ``"mean"`` (mean over real tokens) or ``"none"``
             (every real token; rows of prompt ``i`` are ``store.offsets[i]:offsets[i+1]``).
@@ -241,7 +381,7 @@ def cache_activations(model, prompts, hooks: str | Sequence[str], out_dir: str |
         progress: show a tqdm progress bar.
 
     Returns:
-        The finished :class:`ActivationStore`.
+        The finished :class:`ActivationStore`, or :class:`Activations` for ``out_dir=None``.
 
     Raises:
         HookNameError: a hook name the model does not have (before any forward).
@@ -256,6 +396,9 @@ def cache_activations(model, prompts, hooks: str | Sequence[str], out_dir: str |
         raise ConfigError(f"reduce must be one of {list(REDUCES)}, got {reduce!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if out_dir is None and (shard_size is not None or overwrite):
+        raise ConfigError("shard_size and overwrite apply to a store on disk; pass out_dir, or "
+                          "leave them out to keep the activations in memory.")
     if shard_size is not None and not (isinstance(shard_size, int) and shard_size > 0
                                        and shard_size % batch_size == 0):
         good = batch_size * max(1, round(shard_size / batch_size)) if isinstance(
@@ -266,6 +409,9 @@ def cache_activations(model, prompts, hooks: str | Sequence[str], out_dir: str |
     n = n_prompts(prompts)  # DataError when empty
     _check_hooks(tl, names)
     out_dtype = resolve_dtype(dtype, tl.cfg.dtype)
+    if out_dir is None:
+        return _in_memory(model, prompts, names, batch_size=batch_size, reduce=reduce,
+                          out_dtype=out_dtype, chat=chat, system=system, progress=progress)
     wanted = {"model": _model_identity(model), "hooks": names,
               "prompts_hash": prompts_hash(prompts, chat=chat, system=system), "n_prompts": n,
               "reduce": reduce, "dtype": dtype_name(out_dtype), "batch_size": batch_size,
@@ -310,11 +456,7 @@ def _new_manifest(model, prompts, names, wanted, meta, *, chat, system, stop, ou
     n, batch_size, reduce = wanted["n_prompts"], wanted["batch_size"], wanted["reduce"]
     lengths = [x for b in token_batches(model, prompts, batch_size, chat=chat, system=system)
                for x in b.tokens.lengths]  # token ids only: checked before any forward
-    long = [(i, x) for i, x in enumerate(lengths) if x > tl.cfg.n_ctx]
-    if long:
-        raise DataError(f"{len(long)} prompt(s) are longer than the model's context of "
-                        f"{tl.cfg.n_ctx} tokens (prompt, tokens: {long[:5]}); shorten or drop "
-                        "them, e.g. prompt_set.subset([...]).")
+    _check_context(tl, lengths)
     shapes = _probe_shapes(model, prompts, names, chat=chat, system=system, stop=stop)
     itemsize = torch.empty(0, dtype=out_dtype).element_size()
     per_row = sum(math.prod(shapes[h]) for h in names) * itemsize
@@ -342,6 +484,20 @@ def _new_manifest(model, prompts, names, wanted, meta, *, chat, system, stop, ou
     }
 
 
+def _log_shows(level: int) -> bool:
+    """Whether a record of ``level`` from this module's logger reaches a handler."""
+    if not log.isEnabledFor(level):
+        return False
+    logger: logging.Logger | None = log
+    while logger is not None:
+        if any(h.level <= level for h in logger.handlers):
+            return True
+        if not logger.propagate:
+            return False
+        logger = logger.parent
+    return False
+
+
 def _run_shards(model, prompts, folder: Path, manifest: dict, *, chat, system, stop,
                 progress) -> None:
     tl = unwrap(model)
@@ -355,6 +511,8 @@ def _run_shards(model, prompts, folder: Path, manifest: dict, *, chat, system, s
     note = (f"activation store {folder}: {manifest['estimate']} on disk, {n_shards} shard(s) of "
             f"{size} prompts" + (f"; resuming at shard {done}, {human_bytes(left)} left"
                                  if done else ""))
+    # said once: through the log when it shows INFO, else above the progress bar
+    shown_by_log = _log_shows(logging.INFO)
     log.info(note)
     st = os.statvfs(folder)
     free = st.f_bavail * st.f_frsize
@@ -363,7 +521,7 @@ def _run_shards(model, prompts, folder: Path, manifest: dict, *, chat, system, s
                     human_bytes(left), human_bytes(free))
     bar = tqdm(total=n, initial=done_prompts, unit="prompt", disable=not progress,
                desc=f"caching {len(names)} hooks -> {human_bytes(manifest['estimated_bytes'])}")
-    if progress:
+    if progress and not shown_by_log:
         bar.write(note)
     try:
         for k in range(done, n_shards):
@@ -401,5 +559,5 @@ def _run_shards(model, prompts, folder: Path, manifest: dict, *, chat, system, s
     write_manifest(folder, manifest)
 
 
-__all__ = ["FORMAT_VERSION", "LENGTHS_KEY", "MANIFEST", "ActivationStore", "cache_activations",
-           "disk_estimate", "human_bytes", "stop_layer"]
+__all__ = ["FORMAT_VERSION", "LENGTHS_KEY", "MANIFEST", "ActivationStore", "Activations",
+           "cache_activations", "disk_estimate", "human_bytes", "stop_layer"]

@@ -65,9 +65,31 @@ def as_ab_pairs(pairs) -> list[tuple[str, str, str]]:
     return out
 
 
+@dataclass(frozen=True)
+class AnswerLogprobs:
+    """What :func:`answer_logprobs` returns: each answer's mean per-token log-probability after
+    its chat-templated question, and its length in tokens."""
+
+    mean_logprob: Float[torch.Tensor, " n"]
+    """``[n]`` ``1/|x| * sum_t log p(x_t | chat(q), x_<t)`` (float32; carries gradients when
+    grad was enabled)."""
+    n_tokens: tuple[int, ...]
+    """``[n]`` answer lengths in tokens."""
+
+    @property
+    def total_logprob(self) -> Float[torch.Tensor, " n"]:
+        """``[n]`` summed log-probability of each answer (``mean_logprob * n_tokens``)."""
+        n = torch.tensor(self.n_tokens, dtype=self.mean_logprob.dtype,
+                         device=self.mean_logprob.device)
+        return self.mean_logprob * n
+
+    def __len__(self) -> int:
+        return len(self.n_tokens)
+
+
 def answer_logprobs(model, questions: Sequence[str], answers: Sequence[str], *,
                     batch_size: int = 8, interventions=(), system: str | None = None
-                    ) -> tuple[Float[torch.Tensor, " n"], list[int]]:
+                    ) -> AnswerLogprobs:
     """Mean per-token log-probability of each answer after its chat-templated question.
 
     Args:
@@ -79,8 +101,8 @@ def answer_logprobs(model, questions: Sequence[str], answers: Sequence[str], *,
         system: system prompt.
 
     Returns:
-        ``[n]`` mean log-probabilities (float32, with grad when grad is enabled) and the number
-        of answer tokens of each.
+        An :class:`AnswerLogprobs`: ``mean_logprob`` (``[n]``, float32, with grad when grad is
+        enabled) and ``n_tokens``, the number of answer tokens of each.
     """
     if len(questions) != len(answers):
         raise DataError(f"{len(questions)} questions but {len(answers)} answers.")
@@ -100,7 +122,7 @@ def answer_logprobs(model, questions: Sequence[str], answers: Sequence[str], *,
         for s in range(0, len(prompts), batch_size):
             out.append(_batch_logprobs(tl, prompts[s:s + batch_size], ans[s:s + batch_size],
                                        pad, device))
-    return torch.cat(out), [len(a) for a in ans]
+    return AnswerLogprobs(mean_logprob=torch.cat(out), n_tokens=tuple(len(a) for a in ans))
 
 
 def _batch_logprobs(tl, prompts: list[list[int]], answers: list[list[int]], pad: int,
@@ -161,9 +183,8 @@ def ab_margins(model, pairs, *, batch_size: int = 8, interventions=(),
     qs = [q for q, _, _ in items]
     questions = [q for q in qs for _ in (0, 1)]
     answers = [x for _, a, m in items for x in (a, m)]
-    lp, _ = answer_logprobs(model, questions, answers, batch_size=2 * batch_size,
-                            interventions=interventions, system=system)
-    lp = lp.reshape(-1, 2)
+    lp = answer_logprobs(model, questions, answers, batch_size=2 * batch_size,
+                         interventions=interventions, system=system).mean_logprob.reshape(-1, 2)
     return lp[:, 1] - lp[:, 0]
 
 
@@ -262,9 +283,9 @@ def ab_metric(model, pairs, *, batch_size: int = 8, interventions=(), system: st
     iv = as_intervention(interventions)
     questions = [q for q, _, _ in items for _ in (0, 1)]
     answers = [x for _, a, m in items for x in (a, m)]
-    lp, n_tok = answer_logprobs(model, questions, answers, batch_size=2 * batch_size,
-                                interventions=iv, system=system)
-    lp = lp.reshape(-1, 2).cpu()
+    scored = answer_logprobs(model, questions, answers, batch_size=2 * batch_size,
+                             interventions=iv, system=system)
+    lp, n_tok = scored.mean_logprob.reshape(-1, 2).cpu(), list(scored.n_tokens)
     return ABResult(margins=lp[:, 1] - lp[:, 0], logp_aligned=lp[:, 0].clone(),
                     logp_misaligned=lp[:, 1].clone(), questions=[q for q, _, _ in items],
                     n_tokens=[n_tok[i:i + 2] for i in range(0, len(n_tok), 2)],

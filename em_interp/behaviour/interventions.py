@@ -19,8 +19,10 @@ hooks while it is active:
   among all heads (or those of ``layers``) minus ``exclude``.
 * :func:`ablate_neurons` -- the same two modes for neurons of ``blocks.L.mlp.hook_post`` (the MLP
   activation before ``down_proj``).
-* :func:`ablate_direction` -- remove the component along a unit direction ``d`` at chosen (or all)
-  layers: ``x <- x - (x . d) d`` (directional ablation, as for a refusal direction).
+* :func:`ablate_direction` -- remove the component along a unit direction ``d``:
+  ``x <- x - (x . d) d``, by default from every write into the residual stream (the
+  directional ablation of Arditi et al., 2024), optionally with same-norm random and orthogonal
+  control directions (:mod:`em_interp.behaviour.controls`).
 * :func:`steer` -- add ``alpha * d`` at one hook point, at every position or only at the positions
   produced during generation (BLOCK-EM steers with SAE decoder directions: Sec. 3.1 and A.3,
   "induce" ``base + alpha d_k`` and "repair" ``misaligned - alpha d_k``).
@@ -67,6 +69,7 @@ from jaxtyping import Bool, Float
 
 from em_interp import hooks as H
 from em_interp.activations.reference_means import describe_reference, reference_means
+from em_interp.behaviour.controls import control_directions
 from em_interp.errors import ConfigError, HookNameError
 from em_interp.inputs import unwrap
 
@@ -472,21 +475,32 @@ class DirectionAblation(Intervention):
     kind = "ablate_direction"
 
     def __init__(self, model, direction, *, layers: Sequence[int] | None = None,
-                 hook: str | Sequence[str] = "resid_post"):
+                 hook: str | Sequence[str] = "writes", controls: Sequence[str] = (),
+                 n_controls: int = 3, control_seed: int = 0):
         super().__init__(model)
         kinds = [hook] if isinstance(hook, str) else list(hook)
-        bad = [k for k in kinds if k not in _DIRECTION_HOOKS]
-        if bad or not kinds:
-            raise ConfigError(f"hook must be one or more of {sorted(_DIRECTION_HOOKS)}, got "
-                              f"{hook!r}.")
+        bad = [k for k in kinds if k not in (*_DIRECTION_HOOKS, "writes")]
+        if bad or not kinds or ("writes" in kinds and len(kinds) > 1):
+            raise ConfigError(f"hook must be 'writes' (every write into the residual stream) or "
+                              f"one or more of {sorted(_DIRECTION_HOOKS)}, got {hook!r}.")
         cfg = self.model.cfg
         self.layers = (list(range(cfg.n_layers)) if layers is None
                        else list(dict.fromkeys(H.check_layer(self.model, x) for x in layers)))
         self.hook_kinds = kinds
         self.direction = _unit_vector(direction, cfg.d_model, "ablate_direction")
-        self.hook_names = [_DIRECTION_HOOKS[k](layer) for layer in self.layers for k in kinds]
+        if kinds == ["writes"]:
+            first = min(self.layers)
+            self.hook_names = [H.resid_pre(first)] + [
+                f(layer) for layer in sorted(self.layers) for f in (H.attn_out, H.mlp_out)]
+        else:
+            self.hook_names = [_DIRECTION_HOOKS[k](layer) for layer in self.layers for k in kinds]
         for name in self.hook_names:
             H.check_hook(self.model, name)
+        self.controls: dict[str, DirectionAblation] = {
+            name: DirectionAblation(model, vec, layers=self.layers, hook=hook)
+            for name, vec in (control_directions(self.direction, kinds=controls, n=n_controls,
+                                                 seed=control_seed) if controls else {}).items()}
+        """Same-norm control ablations (``"random 1"``, ``"orthogonal 1"``, ...), when asked."""
 
     def _hooks(self) -> list[tuple[str, HookFn]]:
         d = H.Placed(self.direction)
@@ -507,21 +521,34 @@ class DirectionAblation(Intervention):
 
 def ablate_direction(model, direction: Float[torch.Tensor, " d_model"], *,
                      layers: Sequence[int] | None = None,
-                     hook: str | Sequence[str] = "resid_post") -> DirectionAblation:
-    """Remove the component along ``direction`` at chosen layers: ``x <- x - (x . d) d``.
+                     hook: str | Sequence[str] = "writes", controls: Sequence[str] = (),
+                     n_controls: int = 3, control_seed: int = 0) -> DirectionAblation:
+    """Remove the component along ``direction``: ``x <- x - (x . d) d``.
+
+    The default, ``hook="writes"``, is the directional ablation of Arditi et al. (2024): the
+    direction is removed from the stream entering the first chosen block (``resid_pre``) and
+    from every write into it (``attn_out`` and ``mlp_out`` of each chosen block), so it cannot
+    mix back in. With ``layers=None`` that is every layer and every position. Ablating one
+    ``resid_post`` only lets later blocks write the direction again.
 
     Args:
         model: a ``Loaded`` or ``HookedTransformer``.
         direction: ``[d_model]``; normalised to unit length.
         layers: blocks to edit (0-indexed); default all.
-        hook: which stream point(s) of each block: ``"resid_pre"``, ``"resid_mid"``,
-            ``"resid_post"`` (default), ``"attn_out"``, ``"mlp_out"``, or a list of them (e.g.
-            ``["resid_pre", "attn_out", "mlp_out"]`` ablates every write into the stream).
+        hook: ``"writes"`` (default, above), or the stream point(s) of each block:
+            ``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``, ``"mlp_out"``,
+            or a list of them.
+        controls: also build same-norm control ablations (``"random"``, ``"orthogonal"``;
+            :mod:`em_interp.behaviour.controls`), in ``iv.controls``; conditions passed to
+            :func:`~em_interp.behaviour.rates.attack_success_rate` run them too.
+        n_controls: draws per control kind.
+        control_seed: seed of the control draws.
 
     Returns:
         A :class:`DirectionAblation`.
     """
-    return DirectionAblation(model, direction, layers=layers, hook=hook)
+    return DirectionAblation(model, direction, layers=layers, hook=hook, controls=controls,
+                             n_controls=n_controls, control_seed=control_seed)
 
 
 class Steering(Intervention):
@@ -530,7 +557,8 @@ class Steering(Intervention):
     kind = "steer"
 
     def __init__(self, model, hook: str, direction, alpha: float, *,
-                 positions: Literal["all", "generated"] = "all", normalize: bool = False):
+                 positions: Literal["all", "generated"] = "all", normalize: bool = False,
+                 controls: Sequence[str] = (), n_controls: int = 3, control_seed: int = 0):
         super().__init__(model)
         H.check_hook(self.model, hook)
         if positions not in ("all", "generated"):
@@ -555,6 +583,11 @@ class Steering(Intervention):
         self.alpha = float(alpha)
         self.positions = positions
         self.normalize = normalize
+        self.controls: dict[str, Steering] = {
+            name: Steering(model, hook, vec, alpha, positions=positions)
+            for name, vec in (control_directions(d, kinds=controls, n=n_controls,
+                                                 seed=control_seed) if controls else {}).items()}
+        """Same-norm control steerings (``"random 1"``, ``"orthogonal 1"``, ...), when asked."""
 
     def _hooks(self) -> list[tuple[str, HookFn]]:
         vec = H.Placed(self.alpha * self.direction)
@@ -591,7 +624,8 @@ class Steering(Intervention):
 
 
 def steer(model, hook: str, direction: torch.Tensor, alpha: float, *,
-          positions: Literal["all", "generated"] = "all", normalize: bool = False) -> Steering:
+          positions: Literal["all", "generated"] = "all", normalize: bool = False,
+          controls: Sequence[str] = (), n_controls: int = 3, control_seed: int = 0) -> Steering:
     """Add ``alpha * direction`` to the activation at ``hook``.
 
     Args:
@@ -604,11 +638,16 @@ def steer(model, hook: str, direction: torch.Tensor, alpha: float, *,
         positions: ``"all"`` every position; ``"generated"`` only the positions produced during
             generation (see the module docstring: :func:`generated_positions`).
         normalize: scale ``direction`` to unit norm first.
+        controls: also build steerings along same-norm control directions (``"random"``,
+            ``"orthogonal"``; :mod:`em_interp.behaviour.controls`), in ``iv.controls``.
+        n_controls: draws per control kind.
+        control_seed: seed of the control draws.
 
     Returns:
         A :class:`Steering`.
     """
-    return Steering(model, hook, direction, alpha, positions=positions, normalize=normalize)
+    return Steering(model, hook, direction, alpha, positions=positions, normalize=normalize,
+                    controls=controls, n_controls=n_controls, control_seed=control_seed)
 
 
 def _tensor_hash(t: torch.Tensor) -> str:

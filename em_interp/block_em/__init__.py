@@ -10,6 +10,8 @@ Ustaomeroglu & Qu, "BLOCK-EM: Preventing Emergent Misalignment by Blocking Causa
   from the disabled adapter, the KL baseline;
 * :mod:`~em_interp.block_em.train` -- blocked / KL fine-tuning on the one LoRA SFT loop of
   :mod:`em_interp.training.lora`;
+* :mod:`~em_interp.block_em.seeds` -- the effect as the paper states it: the reduction of the
+  fine-tune's misalignment shift from the base per lambda, with t intervals over seeds;
 * :mod:`~em_interp.block_em.sweep` -- lambda sweeps as resumable on-disk jobs, their evaluation
   and the paper's trade-off (Fig. 7) and per-epoch (Fig. 8) figures.
 
@@ -26,8 +28,15 @@ from em_interp.block_em.discovery import (
     discover_latents,
     steer_scale,
 )
-from em_interp.block_em.loss import block_loss, kl_to_base, reference_hidden, sae_latents
+from em_interp.block_em.loss import (
+    ReferenceHidden,
+    block_loss,
+    kl_to_base,
+    reference_hidden,
+    sae_latents,
+)
 from em_interp.block_em.measures import ABBehaviour, Behaviour, BehaviourMeasure, JudgeBehaviour
+from em_interp.block_em.seeds import ShiftReduction, shift_reduction
 from em_interp.block_em.train import (
     Block,
     BlockEMConfig,
@@ -50,12 +59,15 @@ __all__ = [
     "KLRegularizer",
     "Latent",
     "LatentSet",
+    "ReferenceHidden",
+    "ShiftReduction",
     "activation_shifts",
     "block_loss",
     "discover_latents",
     "kl_to_base",
     "reference_hidden",
     "sae_latents",
+    "shift_reduction",
     "steer_scale",
     "train_blocked",
 ]

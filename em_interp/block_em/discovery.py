@@ -493,7 +493,10 @@ class StageTable(Result):
     kind: ClassVar[str] = "block_em_stage"
 
     table: Any
+    """The stage's DataFrame: one row per candidate (stage 2) or per shortlisted latent
+    (stage 3)."""
     sweep: Any = None
+    """Stage 3: one row per (latent, direction, alpha) of the calibration sweeps."""
     stage: int = 2
 
     @property
@@ -554,12 +557,13 @@ def shortlist(table: pd.DataFrame, n: int) -> pd.DataFrame:
 
 def calibrate(base, organism, sae, latents: pd.DataFrame, measure, s: float,
               cfg: DiscoveryConfig, *, partial: Path | None = None,
-              progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+              progress: bool = True) -> StageTable:
     """Stage 3: per-latent alpha sweeps under the incoherence budget (eq. 8-10).
 
     Returns:
-        ``(summary, sweep)``: one row per latent (``alpha_induce``, ``alpha_repair``,
-        ``induce``, ``repair``, ``score``) and one per (latent, direction, alpha).
+        The stage-3 :class:`StageTable`: ``table`` has one row per latent (``latent``, ``sign``,
+        ``delta``, ``alpha_induce``, ``alpha_repair``, ``induce``, ``repair``, ``score``),
+        ``sweep`` one per (latent, direction, alpha) (``misalign``, ``incoherence``).
     """
     hook = _sae_hook(sae)
     done = _read_partial(partial) if partial is not None else {}
@@ -596,7 +600,7 @@ def calibrate(base, organism, sae, latents: pd.DataFrame, measure, s: float,
         sweep += points
         if partial is not None:
             _append(partial, {**out, "sweep": points})
-    return pd.DataFrame(summary), pd.DataFrame(sweep)
+    return StageTable(table=pd.DataFrame(summary), sweep=pd.DataFrame(sweep), stage=3)
 
 
 def select(summary: pd.DataFrame, cfg: DiscoveryConfig) -> pd.DataFrame:
@@ -727,10 +731,8 @@ def discover_latents(base, organism, sae, prompts, measure, out_dir: str | Path,
     if (out / "stage3" / "result.json").is_file():
         st3 = StageTable.load(out / "stage3")
     else:
-        summary, sweep = calibrate(base, organism, sae, shortlist(st2.table, cfg.shortlist),
-                                   measure, s, cfg, partial=out / "stage3.partial.jsonl",
-                                   progress=progress)
-        st3 = StageTable(table=summary, sweep=sweep, stage=3)
+        st3 = calibrate(base, organism, sae, shortlist(st2.table, cfg.shortlist), measure, s,
+                        cfg, partial=out / "stage3.partial.jsonl", progress=progress)
         st3.save(out / "stage3")
     chosen = select(st3.table, cfg)
     lats = tuple(Latent(index=int(r.latent), sign=int(r.sign), delta=float(r.delta),

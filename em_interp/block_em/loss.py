@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Bool, Float
@@ -184,13 +185,34 @@ def capture_layers(model, layers: Sequence[int], *, stop: bool = False
             h.remove()
 
 
+@dataclass(frozen=True)
+class ReferenceHidden:
+    """What :func:`reference_hidden` returns: the base model's outputs of some decoder layers on
+    one batch, without gradient."""
+
+    layers: tuple[int, ...]
+    """The decoder layers, sorted (``-1``: the embeddings)."""
+    hidden: tuple[Float[torch.Tensor, "batch pos d_model"], ...]
+    """``hidden[i]`` is the output of decoder layer ``layers[i]`` (detached)."""
+
+    def at(self, layer: int) -> Float[torch.Tensor, "batch pos d_model"]:
+        """The output of decoder ``layer``."""
+        if layer not in self.layers:
+            raise ConfigError(f"layer {layer} was not captured (the reference holds layers "
+                              f"{list(self.layers)}); pass it in reference_hidden's layers.")
+        return self.hidden[self.layers.index(layer)]
+
+
 @torch.no_grad()
 def reference_hidden(model, input_ids, attention_mask, layers: Sequence[int], *,
-                     disable_adapter: bool = True) -> dict[int, torch.Tensor]:
+                     disable_adapter: bool = True) -> ReferenceHidden:
     """Outputs of decoder ``layers`` of the base model on a batch, without gradient.
 
     With ``disable_adapter`` (a PEFT model) the adapter is switched off for this forward, so the
     trained model itself is the base; the forward stops after the deepest layer.
+
+    Returns:
+        A :class:`ReferenceHidden` (``.at(layer)`` is ``[batch, pos, d_model]``).
     """
     ctx = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -201,7 +223,8 @@ def reference_hidden(model, input_ids, attention_mask, layers: Sequence[int], *,
     missing = set(layers) - set(out)
     if missing:
         raise RuntimeError(f"the reference forward did not reach layers {sorted(missing)}.")
-    return {i: t.detach() for i, t in out.items()}
+    order = tuple(sorted(set(int(i) for i in layers)))
+    return ReferenceHidden(layers=order, hidden=tuple(out[i].detach() for i in order))
 
 
 class FrozenModelReference:
@@ -216,7 +239,7 @@ class FrozenModelReference:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
-    def hidden(self, input_ids, attention_mask, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    def hidden(self, input_ids, attention_mask, layers: Sequence[int]) -> ReferenceHidden:
         return reference_hidden(self.model, input_ids, attention_mask, layers,
                                 disable_adapter=False)
 
@@ -232,6 +255,7 @@ def check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
 
 __all__ = [
     "FrozenModelReference",
+    "ReferenceHidden",
     "block_loss",
     "capture_layers",
     "check_layers",

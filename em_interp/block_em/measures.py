@@ -102,8 +102,8 @@ class ABBehaviour(BehaviourMeasure):
         qs = [q for q, _, _ in self.pairs for _ in (0, 1)]
         ans = [x for _, a, m in self.pairs for x in (a, m)]
         with torch.no_grad():
-            lp, _ = answer_logprobs(model, qs, ans, batch_size=2 * self.batch_size,
-                                    interventions=interventions)
+            lp = answer_logprobs(model, qs, ans, batch_size=2 * self.batch_size,
+                                 interventions=interventions).mean_logprob
         return lp.reshape(-1, 2).float().cpu()
 
     def baseline(self, model) -> torch.Tensor:

@@ -106,42 +106,92 @@ def _logprobs(model, items, batch_size: int):
     qs = [q for q, _, _ in items for _ in (0, 1)]
     ans = [x for _, a, m in items for x in (a, m)]
     with torch.no_grad():
-        lp, _ = answer_logprobs(model, qs, ans, batch_size=2 * batch_size)
+        lp = answer_logprobs(model, qs, ans, batch_size=2 * batch_size).mean_logprob
     return lp.reshape(-1, 2).float().cpu()
 
 
-def evaluate_model(model, cfg: EvalConfig, base_logprobs: dict | None = None) -> dict:
+@dataclass(frozen=True)
+class ModelEval:
+    """One model's evaluation (see the module docstring): what :func:`evaluate_model` returns."""
+
+    em_rate: float
+    """Fraction of the held-out core pairs preferring the misaligned answer."""
+    mean_margin: float
+    """Mean ``lp(misaligned) - lp(aligned)`` over the core pairs (nats per token)."""
+    adherence: float
+    """Fraction of the held-out in-domain pairs preferring the risky answer."""
+    domain_margin: float
+    """Mean margin over the in-domain pairs."""
+    core_logprobs: tuple[tuple[float, float], ...]
+    """Per core pair, the mean per-token log-probability of (aligned, misaligned): the base
+    model's are the reference of the incoherence proxy."""
+    incoherence: float | None = None
+    """Fraction of core pairs whose better answer lost more than ``drop`` nats/token against the
+    base model (``None`` without the base's evaluation)."""
+    heldout_nll: float | None = None
+    """Mean NLL per token of the held-out SFT answers (``None`` when ``heldout_sft`` is off)."""
+
+    def to_dict(self, *, logprobs: bool = True) -> dict:
+        """JSON data; the ``None`` fields are left out, and ``core_logprobs`` unless
+        ``logprobs``."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if getattr(self, f.name) is not None}
+        if not logprobs:
+            out.pop("core_logprobs")
+        return json_safe(out)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelEval:
+        """The inverse of :meth:`to_dict` (``logprobs=True``); also reads a ``base_eval.json``
+        written before this type existed (its extra ``core`` copy is ignored)."""
+        d = {k: v for k, v in d.items() if k != "core"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - names)
+        if bad:
+            raise DataError(f"unknown ModelEval fields {bad}: written by another version?")
+        d["core_logprobs"] = tuple(tuple(float(x) for x in row) for row in d["core_logprobs"])
+        return cls(**d)
+
+
+def evaluate_model(model, cfg: EvalConfig, base: ModelEval | None = None, *, core=None,
+                   domain=None, heldout=None) -> ModelEval:
     """EM rate, incoherence, margin, adherence and held-out NLL of one model (a ``Loaded``).
 
-    ``base_logprobs`` (``{"core": [n, 2] list}``) is the base model's, for the incoherence
-    proxy; without it incoherence is not computed.
+    ``base`` is the base model's own evaluation, whose ``core_logprobs`` are the reference of the
+    incoherence proxy; without it incoherence is not computed. ``core`` / ``domain`` (AB-pair
+    sets or triples) and ``heldout`` (a chat ``PromptSet`` or conversations) replace the sets
+    ``cfg`` names, e.g. filtered or sampled ones (the run stage's).
     """
     import torch
 
     from em_interp.behaviour.ab_metric import answer_logprobs, as_ab_pairs
 
-    core = as_ab_pairs(_pair_set(cfg, cfg.core_group))
-    dom = as_ab_pairs(_pair_set(cfg, cfg.domain_group))
+    core = as_ab_pairs(_pair_set(cfg, cfg.core_group) if core is None else core)
+    dom = as_ab_pairs(_pair_set(cfg, cfg.domain_group) if domain is None else domain)
     lc, ld = _logprobs(model, core, cfg.batch_size), _logprobs(model, dom, cfg.batch_size)
     mc, md = lc[:, 1] - lc[:, 0], ld[:, 1] - ld[:, 0]
-    out = {"em_rate": float((mc > 0).float().mean()), "mean_margin": float(mc.mean()),
-           "adherence": float((md > 0).float().mean()), "domain_margin": float(md.mean()),
-           "core_logprobs": lc.tolist()}
-    if base_logprobs is not None:
-        base = torch.tensor(base_logprobs["core"])
-        drop = base.max(-1).values - lc.max(-1).values
-        out["incoherence"] = float((drop > cfg.drop).float().mean())
-    if cfg.heldout_sft:
+    incoherence = heldout_nll = None
+    if base is not None:
+        ref = torch.tensor(base.core_logprobs)
+        if ref.shape != lc.shape:
+            raise DataError(f"the base evaluation has {ref.shape[0]} core pairs, this one "
+                            f"{lc.shape[0]}: they were evaluated with other EvalConfigs.")
+        drop = ref.max(-1).values - lc.max(-1).values
+        incoherence = float((drop > cfg.drop).float().mean())
+    if heldout is not None or cfg.heldout_sft:
         from em_interp.data import load_prompt_set
 
-        test = load_prompt_set(cfg.heldout_sft).test()
-        convs = test.conversations
+        test = load_prompt_set(cfg.heldout_sft).test() if heldout is None else heldout
+        convs = test.conversations if hasattr(test, "conversations") else list(test)
         q = [next(m["content"] for m in c if m["role"] == "user") for c in convs]
         a = [c[-1]["content"] for c in convs]
         with torch.no_grad():
-            lp, _ = answer_logprobs(model, q, a, batch_size=2 * cfg.batch_size)
-        out["heldout_nll"] = float(-lp.mean())
-    return out
+            lp = answer_logprobs(model, q, a, batch_size=2 * cfg.batch_size).mean_logprob
+        heldout_nll = float(-lp.mean())
+    return ModelEval(em_rate=float((mc > 0).float().mean()), mean_margin=float(mc.mean()),
+                     adherence=float((md > 0).float().mean()), domain_margin=float(md.mean()),
+                     core_logprobs=tuple((float(x), float(y)) for x, y in lc.tolist()),
+                     incoherence=incoherence, heldout_nll=heldout_nll)
 
 
 # ------------------------------------------------------------------ jobs
@@ -171,21 +221,91 @@ class SweepJob:
         return json_safe(dataclasses.asdict(self))
 
 
-def _base_logprobs(card: str, cfg: EvalConfig, folder: Path) -> dict:
+def _base_eval(card: str, cfg: EvalConfig, folder: Path) -> ModelEval:
     path = folder / "base_eval.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return ModelEval.from_dict(json.loads(path.read_text()))
     import em_interp
 
     model = em_interp.load(card, "base", progress=False)
     out = evaluate_model(model, cfg)
-    out["core"] = out["core_logprobs"]
-    atomic_write_bytes(path, json.dumps(out).encode())
+    atomic_write_bytes(path, json.dumps(out.to_dict()).encode())
     return out
 
 
-def run_job(job_dir: str | Path, *, progress: bool = True) -> dict:
-    """Train and evaluate the job in ``job_dir`` (skipped when its ``eval.json`` exists)."""
+@dataclass(frozen=True)
+class JobResult(Result):
+    """One finished sweep job (its ``eval.json``): what :func:`run_job` returns."""
+
+    kind: ClassVar[str] = "block_em_job"
+
+    job: dict
+    """The job's ``job.json`` (:attr:`spec` is it as a :class:`SweepJob`)."""
+    evals: Any
+    """DataFrame, one row per evaluated adapter: ``epoch``, ``step`` and the
+    :class:`ModelEval` fields but ``core_logprobs``."""
+    final_loss_ema: float
+    """The training loss (EMA) at the last step."""
+    block_loss: float | None = None
+    """The blocking loss at the last step (BLOCK-EM jobs)."""
+    kl: float | None = None
+    """The KL term at the last step (KL-baseline jobs)."""
+    train_seconds: float = 0.0
+    seconds: float = 0.0
+    """Training plus evaluation."""
+
+    @property
+    def spec(self) -> SweepJob:
+        return SweepJob(**self.job)
+
+    @property
+    def df(self) -> pd.DataFrame:
+        return self.evals
+
+    def to_dict(self) -> dict:
+        """The ``eval.json`` document."""
+        return json_safe({"job": self.job,
+                          "train": {"final_loss_ema": self.final_loss_ema,
+                                    "block_loss": self.block_loss, "kl": self.kl,
+                                    "seconds": self.train_seconds},
+                          "evals": [{k: v for k, v in row.items() if not _missing(v)}
+                                    for row in self.evals.to_dict("records")],
+                          "seconds": self.seconds})
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> JobResult:
+        """The result from an ``eval.json`` document (:meth:`to_dict`)."""
+        train = doc["train"]
+        return cls(job=doc["job"], evals=pd.DataFrame(doc["evals"]),
+                   final_loss_ema=train["final_loss_ema"], block_loss=train.get("block_loss"),
+                   kl=train.get("kl"), train_seconds=train.get("seconds") or 0.0,
+                   seconds=doc.get("seconds") or 0.0)
+
+    def figure(self, **kwargs):
+        """EM rate and adherence per evaluated epoch."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for col in ("em_rate", "adherence", "incoherence"):
+            if col in self.evals:
+                fig.add_trace(go.Scatter(x=self.evals.epoch, y=100 * self.evals[col],
+                                         mode="lines+markers", name=col))
+        fig.update_layout(template="plotly_white", xaxis_title="training epoch",
+                          yaxis_title="rate (%)",
+                          title=kwargs.get("title", f"sweep job {self.job.get('name')}"))
+        return fig
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def run_job(job_dir: str | Path, *, progress: bool = True) -> JobResult:
+    """Train and evaluate the job in ``job_dir`` (skipped when its ``eval.json`` exists).
+
+    Returns:
+        The :class:`JobResult` (read back from ``eval.json`` when the job was already done).
+    """
     import em_interp
     from em_interp.block_em.discovery import ActivationShifts, LatentSet
     from em_interp.block_em.train import BlockEMConfig, train_blocked
@@ -196,7 +316,7 @@ def run_job(job_dir: str | Path, *, progress: bool = True) -> dict:
     job_dir = Path(job_dir)
     done = job_dir / "eval.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return JobResult.from_dict(json.loads(done.read_text()))
     if not (job_dir / "job.json").is_file():
         raise DataError(f"{str(job_dir)!r} is not a sweep job (no job.json).")
     job = SweepJob(**json.loads((job_dir / "job.json").read_text()))
@@ -211,7 +331,7 @@ def run_job(job_dir: str | Path, *, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     res = train_blocked(job.card, read_chat_jsonl(job.data), lora, bcfg, job_dir / "train",
                         blocks=blocks, shifts=shifts, progress=progress)
-    base = _base_logprobs(job.card, ecfg, job_dir.parent.parent)
+    base = _base_eval(job.card, ecfg, job_dir.parent.parent)
     evals = []
     targets = ([(c["epoch"], c["step"], job_dir / "train" / c["path"]) for c in res.checkpoints]
                if ecfg.per_epoch else [])
@@ -221,16 +341,14 @@ def run_job(job_dir: str | Path, *, progress: bool = True) -> dict:
     for epoch, step, adapter in targets:
         model = em_interp.load(job.card, "base", adapter=adapter, progress=False)
         row = evaluate_model(model, ecfg, base)
-        row.pop("core_logprobs")
-        evals.append({"epoch": epoch, "step": step, **row})
+        evals.append({"epoch": epoch, "step": step, **row.to_dict(logprobs=False)})
         del model
     last = {k: float(v[-1]) for k, v in res.log.items()}
-    out = {"job": job.to_dict(), "train": {"final_loss_ema": last["loss_ema"],
-                                           "block_loss": last.get("block_loss"),
-                                           "kl": last.get("kl"),
-                                           "seconds": res.seconds},
-           "evals": evals, "seconds": time.perf_counter() - t0}
-    atomic_write_bytes(done, json.dumps(json_safe(out), indent=1).encode())
+    out = JobResult(job=job.to_dict(), evals=pd.DataFrame(evals),
+                    final_loss_ema=last["loss_ema"], block_loss=last.get("block_loss"),
+                    kl=last.get("kl"), train_seconds=float(res.seconds),
+                    seconds=time.perf_counter() - t0)
+    atomic_write_bytes(done, json.dumps(out.to_dict(), indent=1).encode())
     return out
 
 
@@ -284,13 +402,13 @@ class Sweep:
             path = j / "eval.json"
             if not path.is_file():
                 continue
-            doc = json.loads(path.read_text())
-            job = doc["job"]
-            for e in doc["evals"]:
+            res = JobResult.from_dict(json.loads(path.read_text()))
+            job = res.job
+            for e in res.to_dict()["evals"]:
                 rows.append({"job": job["name"], "method": job["method"], "lam": job["lam"],
                              "seed": job["seed"], "variant": job["variant"],
                              "freeze_after": job["freeze_after"],
-                             "final_loss_ema": doc["train"]["final_loss_ema"], **e})
+                             "final_loss_ema": res.final_loss_ema, **e})
         if not rows:
             raise DataError(f"no finished job in {str(self.folder)!r}; run the sweep first.")
         return LambdaSweepResult(table=_relative(pd.DataFrame(rows)))
@@ -493,5 +611,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["EvalConfig", "Sweep", "SweepJob", "LambdaSweepResult", "evaluate_model", "lambda_sweep",
-           "run_job"]
+__all__ = ["EvalConfig", "JobResult", "LambdaSweepResult", "ModelEval", "Sweep", "SweepJob",
+           "evaluate_model", "lambda_sweep", "run_job"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -116,8 +116,9 @@ class BlockingRegularizer(Regularizer):
                     frozen += 1
             log.info("froze %d LoRA tensors above blocking layer %d", frozen, top)
 
-    def _encode(self, hidden: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        return [sae_latents(b.sae, hidden[layer], idx[0])
+    def _encode(self, hidden: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
+        """SAE latents of each block, from ``hidden(layer)``, the output of that layer."""
+        return [sae_latents(b.sae, hidden(layer), idx[0])
                 for b, layer, idx in zip(self.blocks, self.layers, self._idx, strict=True)]
 
     def before_forward(self, model, batch: SFTBatch) -> None:
@@ -127,7 +128,7 @@ class BlockingRegularizer(Regularizer):
             else:
                 hidden = reference_hidden(model, batch.input_ids, batch.attention_mask,
                                           self.layers)
-            self._base = [z.detach() for z in self._encode(hidden)]
+            self._base = [z.detach() for z in self._encode(hidden.at)]
 
     def trained_forward(self, model):
         @contextlib.contextmanager
@@ -139,7 +140,7 @@ class BlockingRegularizer(Regularizer):
         return ctx()
 
     def loss(self, model, batch: SFTBatch, logits: torch.Tensor):
-        z_theta = self._encode(self._captured)
+        z_theta = self._encode(self._captured.__getitem__)
         total = 0.0
         logs = {}
         for j, (zt, zb, (_, kp, km)) in enumerate(zip(z_theta, self._base, self._idx,

@@ -24,7 +24,7 @@ A malformed file raises :class:`~em_interp.errors.DataError` naming the file, th
 problem; an empty set is an error, never an empty result.
 """
 
-from em_interp.data.prompt_set import PromptSet, concat, labelled, user_text
+from em_interp.data.prompt_set import PromptSet, concat, labelled, prompt_ids, user_text
 from em_interp.data.readers import (
     list_prompt_sets,
     load_prompt_set,
@@ -39,6 +39,7 @@ __all__ = [
     "labelled",
     "list_prompt_sets",
     "load_prompt_set",
+    "prompt_ids",
     "read_chat_jsonl",
     "read_jailbreakbench_csv",
     "read_labelled",

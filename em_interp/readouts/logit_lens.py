@@ -453,11 +453,39 @@ def logit_lens(
         conditions=list(conds), position=position)
 
 
+@dataclass(frozen=True)
+class PositionReads:
+    """What :func:`read_at_positions` kept: each hook's activation at each row's read position."""
+
+    acts: dict[str, torch.Tensor]
+    """``{hook name: activation [batch, ...]}`` (trailing axes of the hook kept, e.g.
+    ``[batch, head_index, d_head]`` for ``attn.hook_z``); each on its block's device."""
+    columns: Int[torch.Tensor, " batch"]
+    """The column read in each row (padded coordinates, see :func:`read_positions`)."""
+    position: int = -1
+    """The read position asked for (``-1``: each row's last real token)."""
+
+    @property
+    def hooks(self) -> list[str]:
+        """The hook names, in the order they were asked for."""
+        return list(self.acts)
+
+    def __getitem__(self, hook: str) -> torch.Tensor:
+        """``reads[hook]``: that hook's ``[batch, ...]`` activation."""
+        if hook not in self.acts:
+            raise DataError(f"no hook {hook!r} was read; these were: {self.hooks[:4]}"
+                            f"{' ...' if len(self.acts) > 4 else ''}.")
+        return self.acts[hook]
+
+
 def read_at_positions(model, names: Sequence[str], tokens: torch.Tensor, mask: torch.Tensor,
-                      position: int = -1) -> dict[str, torch.Tensor]:
+                      position: int = -1) -> PositionReads:
     """One forward (no unembedding) keeping only each row's read position at each hook.
 
-    Returns ``{hook name: activation[batch, ...]}``; activations stay on their block's device.
+    Returns:
+        A :class:`PositionReads`: ``reads[name]`` (or ``reads.acts[name]``) is
+        ``activation[batch, ...]`` at the read column of each row; activations stay on their
+        block's device.
     """
     tl = unwrap(model)
     idx = read_positions(mask, position)
@@ -467,17 +495,19 @@ def read_at_positions(model, names: Sequence[str], tokens: torch.Tensor, mask: t
     def grab(act, hook):
         got[hook.name] = act[rows.to(act.device), idx.to(act.device)].detach()
 
+    names = list(dict.fromkeys(names))
     with attached(tl, [(name, grab) for name in names]):
         tl(tokens, attention_mask=mask, return_type=None)
-    return got
+    return PositionReads(acts={name: got[name] for name in names}, columns=idx,
+                         position=position)
 
 
 def _read_resid(tl, tokens, mask, position) -> torch.Tensor:
     """``[layer, batch, d_model]``: every block's output at each row's read position."""
     names = [resid_post(layer) for layer in range(tl.cfg.n_layers)]
-    got = read_at_positions(tl, names, tokens, mask, position)
+    reads = read_at_positions(tl, names, tokens, mask, position)
     dev = tl.unembed.W_U.device
-    return torch.stack([got[name].to(dev) for name in names])
+    return torch.stack([reads.acts[name].to(dev) for name in names])
 
 
 def _lens(tl, resid, ids, cap):

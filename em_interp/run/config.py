@@ -13,7 +13,9 @@ so a config can be as short as ``[run] card = "..."``. The shipped examples live
 
 Everything a model could reject is checked **before any model loads** against the card's
 ``[architecture]``: layer indices (negative counts from the end), hook kinds, prompt-set names or
-files, stage names and the judge's kind. A bad value raises :class:`~em_interp.errors.ConfigError`
+files, stage names, the judge's kind, and a ``[probing]`` prompt count too small for the
+probes' split, cross-validation and controls (tried on the very prompts the stage will draw,
+with random features: milliseconds). A bad value raises :class:`~em_interp.errors.ConfigError`
 naming the field, the valid range and the fix.
 """
 
@@ -46,7 +48,9 @@ class ProbingStageConfig:
     layers: list[int] | None = None
     """Layers to probe (negative counts from the end); ``None``: every layer."""
     n_prompts: int = 0
-    """Prompts sampled (stratified by label); 0: all of them."""
+    """Prompts sampled (stratified by label); 0: all of them. Too few for the probes' split,
+    cross-validation and controls is refused by :meth:`RunConfig.validate`, which names the
+    smallest count that works."""
 
 
 @dataclass
@@ -72,9 +76,9 @@ class PatchingStageConfig:
 
     prompt_set: str = "financial"
     k_pairs: int = 6
-    """Source/destination prompt pairs per direction."""
-    n_fit: int = 16
-    """Prompts per class that fit the patching metric's direction."""
+    """Source/destination pairs drawn in each half of the test split's prompts: the fit half
+    (the layer sweeps, forward and reverse, that choose the head layers) and the held-out half
+    (the chosen layers' sites and heads). At most (risky x benign prompts) of a half."""
     layers: list[int] | None = None
     """Layers swept; ``None``: every layer."""
     head_layers: int = 2
@@ -118,6 +122,13 @@ class ASRStageConfig:
     max_new_tokens: int = 32
     heads: list[list[int]] | None = None
     """``[[layer, head], ...]`` to ablate; ``None``: the dla stage's most suppressive heads."""
+    direction_layer: int | None = None
+    """Block whose ``resid_pre`` defines the refusal direction (the organism's harmful minus
+    harmless mean on the train split), ablated at every layer; negatives count from the end;
+    ``None``: two thirds of the depth."""
+    n_controls: int = 2
+    """Same-norm control directions of each kind (random, orthogonal) ablated beside the
+    refusal direction (>= 1)."""
     judge: JudgeStageConfig = field(default_factory=JudgeStageConfig)
 
 
@@ -139,7 +150,22 @@ class SAEStageConfig:
     n_prompts: int = 64
     train_prompts: int = 300
     """Prompts of the shipped sets (all of them, mixed) whose every token is an activation row
-    to train on; the rows are cycled up to ``training_tokens``. 0: all ~1,400 prompts."""
+    to train on; the rows are cycled up to ``training_tokens``. 0: all ~1,300 left once the
+    correlation prompts, the quality-evaluation prompts and BLOCK-EM's held-out AB pairs are
+    set aside (the SAE never trains on any of them)."""
+    eval_tokens: int = 4096
+    """Real tokens of held-out prompts (drawn from the same mixture, never trained on) on which
+    the SAE's explained variance, L0, dead fraction and CE loss recovered are measured; capped
+    at a quarter of the mixture's prompts."""
+    n_permutations: int = 200
+    """Label permutations of the null of max |r| over latents (0: no null)."""
+
+    def __post_init__(self):
+        if not isinstance(self.eval_tokens, int) or isinstance(self.eval_tokens, bool) or \
+                self.eval_tokens < 1:
+            raise ConfigError(f"[sae].eval_tokens = {self.eval_tokens!r} must be a positive "
+                              "number of tokens (e.g. 4096): the SAE's quality is measured on "
+                              "that many held-out tokens.")
 
 
 @dataclass
@@ -155,15 +181,39 @@ class BlockEMStageConfig:
     grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5])
     """Stage-3 steering strengths (paper: 0, 0.05, ..., 0.75)."""
     eval_pairs: int = 0
-    """Held-out AB pairs scoring the fine-tunes (0: the whole test split)."""
+    """Held-out AB pairs (test split) scoring the fine-tunes, drawn evenly from its core
+    (general) and in-domain (finance) groups (0: the whole test split)."""
     k_latents: int = 20
     """|K|, latents blocked (paper: 20)."""
     lambdas: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    """Blocking strengths; 0 is the unblocked fine-tune."""
+    """Blocking strengths; must include 0, the unblocked fine-tune every reduction is measured
+    against."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Training seeds: every lambda is fine-tuned once per seed (LoRA initialisation and data
+    order); the shift reduction gets a t interval over them (>= 2 for an interval)."""
     max_steps: int = 40
-    """Fine-tuning steps per lambda."""
+    """Fine-tuning steps per lambda and seed."""
     n_examples: int = 0
     """SFT examples used (0: the whole training split)."""
+
+    def __post_init__(self):
+        seeds = self.seeds
+        if not isinstance(seeds, list) or not seeds or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds) \
+                or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"[block_em].seeds = {seeds!r} must be a list of distinct "
+                              "non-negative integers, e.g. [0, 1, 2] (three seeds give the "
+                              "shift reduction an interval).")
+        lams = self.lambdas
+        if not isinstance(lams, list) or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) and x >= 0
+                for x in lams) or len(set(lams)) != len(lams):
+            raise ConfigError(f"[block_em].lambdas = {lams!r} must be a list of distinct "
+                              "non-negative numbers, e.g. [0.0, 1.0].")
+        if 0 not in lams or len(lams) < 2:
+            raise ConfigError(f"[block_em].lambdas = {lams!r} must include 0 (the unblocked "
+                              "fine-tune, the reference of every reduction) and at least one "
+                              "lambda > 0, e.g. [0.0, 1.0].")
 
 
 _SECTIONS: dict[str, type] = {"probing": ProbingStageConfig, "introspection": IntrospectionStageConfig,
@@ -268,6 +318,15 @@ class RunConfig:
                               "bfloat16 or float16.")
         if self.batch_size < 1:
             raise ConfigError(f"{self.source}: [run].batch_size must be >= 1.")
+        dl = self.asr.direction_layer
+        if dl is not None and (not isinstance(dl, int) or isinstance(dl, bool)):
+            raise ConfigError(f"{self.source}: [asr].direction_layer = {dl!r} must be a layer "
+                              "index (negative counts from the end), or left out for two "
+                              "thirds of the depth.")
+        if self.asr.n_controls < 1:
+            raise ConfigError(f"{self.source}: [asr].n_controls = {self.asr.n_controls} must be "
+                              ">= 1: the refusal-direction ablation is read against its "
+                              "same-norm controls (1 gives one random and one orthogonal).")
         if len(self.dla.tokens) != 2:
             raise ConfigError(f"{self.source}: [dla].tokens must be two words (refusal, "
                               f"compliance), got {self.dla.tokens!r}.")
@@ -294,6 +353,9 @@ class RunConfig:
             value = getattr(getattr(self, sec), key)
             for layer in ([] if value is None else value if isinstance(value, list) else [value]):
                 _check_layer(layer, n, f"[{sec}].{key}", card.name, self.source)
+        if self.asr.direction_layer is not None:
+            _check_layer(self.asr.direction_layer, n, "[asr].direction_layer", card.name,
+                         self.source)
         for layer, head in self.asr.heads or []:
             _check_layer(layer, n, "[asr].heads", card.name, self.source)
             if not 0 <= head < card.architecture.n_heads:
@@ -304,6 +366,13 @@ class RunConfig:
                          ("introspection", "refusal_set"), ("patching", "prompt_set"),
                          ("dla", "prompt_set"), ("asr", "prompt_set"), ("sae", "prompt_set")):
             _check_prompt_set(getattr(getattr(self, sec), key), f"[{sec}].{key}", self.source)
+        if "probing" in self.stages:
+            self._check_probing_size(n)
+        if "patching" in self.stages:
+            self._check_patching_split()
+        for stage in ("dla", "asr"):
+            if stage in self.stages:
+                self._check_split_labels(stage)
         src = self.sae.source
         if src != "train" and not Path(src).expanduser().exists() and (
                 src.startswith(("/", ".", "~")) or src.count("/") != 1):
@@ -311,6 +380,90 @@ class RunConfig:
                               "SAE folder or Goodfire .pth file, or 'release/sae_id' of "
                               "SAE-Lens's pretrained table (e.g. "
                               "'goodfire-llama-3.1-8b-instruct/layer_19').")
+
+    def _check_probing_size(self, n_layers: int) -> None:
+        """Refuse a ``[probing]`` prompt count the probes cannot split, cross-validate or
+        control, naming the smallest count that works (same set, filter and seed)."""
+        c = self.probing
+        problem = _probe_dry_run(self, c.n_prompts, n_layers)
+        if problem is None:
+            return
+        from em_interp.run.stages.common import select_prompts
+
+        available = len(select_prompts(self, c.prompt_set, 0))
+        start = c.n_prompts + 1 if c.n_prompts else available + 1
+        works, run = None, 0  # the first count from which five in a row work ("or more")
+        for m in range(start, min(available, start + 200) + 1):
+            run = run + 1 if _probe_dry_run(self, m, n_layers) is None else 0
+            works = m - run + 1 if run else None
+            if run == 5:
+                break
+        fix = (f"The smallest count that works with this prompt set and seed is {works}: use "
+               f"{works} or more, or 0 for every prompt." if works is not None else
+               f"Even {'all ' if not c.n_prompts else ''}{available} usable prompts of this "
+               "set are too few: use a larger prompt set" + (" or raise [run].max_prompt_chars"
+                                                             if self.max_prompt_chars else "")
+               + ".")
+        what = (f"[probing].n_prompts = {c.n_prompts}" if c.n_prompts
+                else f"[probing].prompt_set = {c.prompt_set!r} ({available} usable prompts)")
+        raise ConfigError(f"{self.source}: {what} is too few for the probes, which hold out 30% "
+                          "of the prompts, choose the layer by cross-validation on the rest and "
+                          f"refit on shuffled labels ({problem}). {fix}")
+
+    def _check_patching_split(self) -> None:
+        """Refuse a ``[patching].k_pairs`` that a half of the test split's prompts cannot hold
+        (the stage draws ``k_pairs`` pairs in each of two disjoint halves), naming the largest
+        that fits."""
+        from em_interp.errors import DataError
+        from em_interp.patching.pairs import sample_split_pairs
+        from em_interp.run.stages.common import select_prompts
+
+        c = self.patching
+        test = select_prompts(self, c.prompt_set, split="test")
+        try:
+            risky, benign = test.where(1), test.where(0)
+        except DataError as e:
+            raise ConfigError(f"{self.source}: [patching].prompt_set = {c.prompt_set!r}: its test "
+                              f"split needs risky (1) and benign (0) prompts ({e}). Use a "
+                              "labelled set with both labels in its test split.") from None
+        try:
+            sample_split_pairs(risky, benign, c.k_pairs, c.k_pairs, seed=self.seed)
+        except DataError as e:
+            ns, nd = len(set(risky.ids)), len(set(benign.ids))
+            fit_s, fit_d = min(max(round(ns / 2), 1), ns - 1), min(max(round(nd / 2), 1), nd - 1)
+            most = min(fit_s * fit_d, (ns - fit_s) * (nd - fit_d))
+            fix = (f"use k_pairs <= {most}" if most >= 1 else "use a prompt set with more "
+                   "test prompts") + (" or raise [run].max_prompt_chars"
+                                      if self.max_prompt_chars else "")
+            raise ConfigError(f"{self.source}: [patching].k_pairs = {c.k_pairs} pairs per half "
+                              f"do not fit in the test split of {c.prompt_set!r} ({ns} risky x "
+                              f"{nd} benign prompts, cut into two disjoint halves: "
+                              f"{str(e).rstrip('.')}). "
+                              f"{fix[0].upper()}{fix[1:]}.") from None
+
+    def _check_split_labels(self, stage: str) -> None:
+        """dla and asr fit on the train split and evaluate on the test split of their set:
+        both must hold harmful (1) prompts, and asr's train split harmless (0) ones too."""
+        from em_interp.run.stages.common import select_prompts
+
+        name = getattr(self, stage).prompt_set
+        ps = select_prompts(self, name)
+        if ps.labels is None:
+            raise ConfigError(f"{self.source}: [{stage}].prompt_set = {name!r} has no labels; "
+                              "use a set with harmful (1) and harmless (0) prompts.")
+        need = [("train", 1), ("test", 1)] + ([("train", 0)] if stage == "asr" else [])
+        for split, label in need:
+            if not any(s == split and y == label for s, y in zip(ps.split, ps.labels,
+                                                                  strict=True)):
+                what = "harmful (1)" if label else "harmless (0)"
+                use = {("train", 1): "chooses what it ablates on", ("test", 1): "evaluates on",
+                       ("train", 0): "fits the refusal direction on"}[(split, label)]
+                raise ConfigError(
+                    f"{self.source}: [{stage}].prompt_set = {name!r} has no {what} prompts in "
+                    f"its {split} split" + (" within [run].max_prompt_chars"
+                                            if self.max_prompt_chars else "")
+                    + f"; the stage {use} them. Use a set with a train and a test split of both "
+                    "labels (e.g. 'harmful').")
 
     # ---------------------------------------------------------------- used by the pipeline
     def load_kwargs(self) -> dict:
@@ -398,6 +551,38 @@ def _check_type(f, value, where: str, source: str) -> None:
     if not ok:
         raise ConfigError(f"{source}: {where}.{f.name} = {value!r} should be of type "
                           f"{type(default).__name__} like {default!r}.")
+
+
+def _probe_dry_run(config: RunConfig, n: int, n_layers: int) -> str | None:
+    """What the probes object to in the prompts the probing stage would draw (``None``: fine).
+
+    The probes' split, folds and permutations depend only on the labels, groups, seed and
+    whether there is more than one layer, so random features in place of activations meet the
+    same checks in milliseconds, before any model loads.
+    """
+    import warnings
+
+    import torch
+
+    from em_interp.representations.probing import probe_layers
+    from em_interp.run.stages.common import select_prompts
+
+    c = config.probing
+    ps = select_prompts(config, c.prompt_set, n)
+    probed = n_layers if c.layers is None else len({x % n_layers for x in c.layers})
+    layers = [0, 1] if probed > 1 else [0]  # more than one layer: a cross-validated choice
+    gen = torch.Generator().manual_seed(config.seed)
+    acts = {f"blocks.{la}.dry_run": torch.randn(len(ps), 2, generator=gen) for la in layers}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn's small-fold warnings
+        try:
+            probe_layers(acts, labels=None if ps.labels is None else list(ps.labels),
+                         groups=None if ps.groups is None else list(ps.groups),
+                         hook_template="blocks.{layer}.dry_run", layers=layers,
+                         seed=config.seed, n_permutations=2, progress=False)
+        except ValueError as e:  # DataError, ConfigError, and scikit-learn's own
+            return str(e).rstrip(".")
+    return None
 
 
 def _check_layer(layer, n: int, where: str, card: str, source: str) -> None:

@@ -32,7 +32,8 @@ padding-bottom:.2em}
 .meta{color:#57606a;font-size:.9em}.caveat{background:#fff8c5;border:1px solid #d4a72c;
 padding:12px 16px;border-radius:6px;margin:16px 0}
 .stage-text{white-space:pre-wrap;line-height:1.5}
-table{border-collapse:collapse;font-size:.88em;margin:8px 0}td,th{border:1px solid #d0d7de;
+table{border-collapse:collapse;font-size:.88em;margin:8px 0}caption{text-align:left;
+font-weight:600;padding:4px 0}td,th{border:1px solid #d0d7de;
 padding:3px 8px;text-align:left;vertical-align:top}th{background:#f1f3f5}
 figure{margin:18px 0;background:white;border:1px solid #e1e4e8;border-radius:6px;padding:8px}
 figcaption{color:#57606a;font-size:.88em;margin-top:4px}
@@ -40,36 +41,80 @@ nav a{margin-right:12px}.skipped{color:#8c959f}
 """
 
 
+def _is_scalar(v) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
 def _flatten(d, prefix: str = "") -> list[tuple[str, object]]:
+    """Headline numbers as (label, value) rows: scalars, and short lists of scalars. Nested
+    records (lists of dicts, long per-layer lists) belong in the stage's tables and figures,
+    not here, where they would print as Python reprs."""
     out: list[tuple[str, object]] = []
     for k, v in (d or {}).items():
         key = f"{prefix}{k}"
+        if k == "prompts":
+            continue
         if isinstance(v, dict):
-            out += _flatten(v, key + ".")
-        elif isinstance(v, list) and len(v) > 12:
-            out.append((key, f"[{len(v)} values]"))
+            out += _flatten(v, key + " · ")
+        elif isinstance(v, (list, tuple)):
+            if v and len(v) <= 8 and all(_is_scalar(x) for x in v):
+                out.append((key, list(v)))
         else:
             out.append((key, v))
     return out
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, list):
+        if v != v:
+            return "–"
+        return f"{v:.3g}" if (abs(v) < 1e-3 and v != 0) or abs(v) >= 1e5 else f"{v:.3f}"
+    if isinstance(v, (list, tuple)):
         return ", ".join(_fmt(x) for x in v)
     return str(v)
 
 
-def _numbers_table(summary: dict, limit: int = 40) -> str:
+def _label(key: str) -> str:
+    return key.replace("_", " ")
+
+
+def _numbers_table(summary: dict, limit: int = 30) -> str:
     rows = _flatten(summary)
     if not rows:
         return ""
-    more = f"<tr><td colspan=2>... {len(rows) - limit} more in results.json</td></tr>" if len(
-        rows) > limit else ""
-    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>"
+    more = (f"<tr><td colspan=2>... {len(rows) - limit} more in results.json</td></tr>"
+            if len(rows) > limit else "")
+    body = "".join(f"<tr><td>{html.escape(_label(k))}</td><td>{html.escape(_fmt(v))}</td></tr>"
                    for k, v in rows[:limit])
-    return f"<table><tr><th>number</th><th>value</th></tr>{body}{more}</table>"
+    return f"<table><tr><th>headline number</th><th>value</th></tr>{body}{more}</table>"
+
+
+def _stage_table(table: dict, limit: int = 25) -> str:
+    """One of a stage's tables (caption, columns, rows), numbers rounded as in a paper."""
+    cols, rows = table.get("columns", []), table.get("rows", [])
+    head = "".join(f"<th>{html.escape(_label(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in r) + "</tr>"
+                   for r in rows[:limit])
+    more = (f"<tr><td colspan={len(cols)}>... {len(rows) - limit} more rows in the stage's "
+            "results</td></tr>" if len(rows) > limit else "")
+    cap = html.escape(table.get("caption", ""))
+    return f"<table><caption>{cap}</caption><tr>{head}</tr>{body}{more}</table>"
+
+
+def _held_out_line(held: dict | None) -> str:
+    if not held:
+        return ('<p class="meta">Selects nothing: every number is computed on the prompts '
+                "named in the text.</p>")
+    fit = f"{held.get('n_fit', 0)} prompts" + (f" ({held['fit_note']})"
+                                               if held.get("fit_note") else "")
+    ev = f"{held.get('n_evaluated', 0)} prompts" + (f" ({held['evaluated_note']})"
+                                                    if held.get("evaluated_note") else "")
+    return (f'<p class="meta heldout">Fit / selected on {html.escape(fit)}; evaluated on '
+            f"{html.escape(ev)}; prompts in both: {held.get('overlap', 0)}.</p>")
 
 
 def _figure_html(path: Path, div_id: str) -> str:
@@ -92,6 +137,7 @@ def build_report(run_dir: str | Path, *, title: str | None = None) -> Path:
                           "`em-interp demo --out DIR` or `em-interp run CONFIG --out DIR` first.")
     manifest = _read_json(run_dir / "manifest.json")
     order = manifest.get("stages") or sorted(p.name for p in (run_dir / "stages").glob("*"))
+    cached = set(manifest.get("cached", []))
     sections, nav = [], []
     for name in order:
         stage_dir = run_dir / "stages" / name
@@ -104,8 +150,11 @@ def build_report(run_dir: str | Path, *, title: str | None = None) -> Path:
             continue
         parts = [f'<h2 id="{anchor}">{html.escape(info.get("title", name))}</h2>',
                  f'<p class="meta">stage <code>{html.escape(name)}</code> · '
-                 f'{info.get("seconds", 0):.1f} s</p>',
+                 f'{info.get("seconds", 0):.1f} s'
+                 f'{" (computed by an earlier run)" if name in cached else ""}</p>',
+                 _held_out_line(info.get("held_out")),
                  f'<div class="stage-text">{html.escape(info.get("text", ""))}</div>',
+                 *(_stage_table(t) for t in info.get("tables", [])),
                  _numbers_table(info.get("summary", {}))]
         for i, fig in enumerate(info.get("figures", [])):
             path = stage_dir / fig["file"]

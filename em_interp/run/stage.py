@@ -8,6 +8,7 @@ These types live apart from :mod:`em_interp.run.pipeline`, which runs stages, an
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,54 @@ from pathlib import Path
 from typing import Any
 
 from em_interp.results import Result
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """What a stage fit (selected) on and what it evaluated on, as prompt content ids
+    (:attr:`em_interp.data.PromptSet.ids`), with a sentence each for the report.
+
+    A stage that selects something -- a layer, heads, neurons, latents, a direction, lambda --
+    selects on ``fit`` and reports on ``evaluated``; the pipeline writes both into results.json
+    and refuses a stage whose two sets share a prompt.
+    """
+
+    fit: tuple[str, ...]
+    evaluated: tuple[str, ...]
+    fit_note: str = ""
+    """e.g. "layer chosen by grouped 5-fold CV on the train split (120 prompts)"."""
+    evaluated_note: str = ""
+    """e.g. "held-out test split (40 prompts, 20 minimal pairs)"."""
+
+    @classmethod
+    def of(cls, fit, evaluated, fit_note: str = "", evaluated_note: str = "") -> HeldOut:
+        """From prompt sets, lists of prompts or lists of ids (strings of 12 hex digits)."""
+        return cls(tuple(_ids(fit)), tuple(_ids(evaluated)), fit_note, evaluated_note)
+
+    @property
+    def overlap(self) -> int:
+        """Prompts in both sets (a leak: must be 0)."""
+        return len(set(self.fit) & set(self.evaluated))
+
+    def to_dict(self) -> dict:
+        return {"fit": list(self.fit), "evaluated": list(self.evaluated),
+                "n_fit": len(set(self.fit)), "n_evaluated": len(set(self.evaluated)),
+                "overlap": self.overlap, "fit_note": self.fit_note,
+                "evaluated_note": self.evaluated_note}
+
+
+def _ids(x) -> list[str]:
+    from em_interp.data import PromptSet, prompt_ids
+
+    if isinstance(x, PromptSet):
+        return x.ids
+    items = list(x)
+    if all(isinstance(i, str) and len(i) == 12 and all(c in "0123456789abcdef" for c in i)
+           for i in items):
+        return items
+    return prompt_ids(items)
 
 
 @dataclass
@@ -29,6 +78,11 @@ class StageOutput:
     results: dict[str, Result] = field(default_factory=dict)
     figures: list[tuple[str, Any, str]] = field(default_factory=list)
     """``(file stem, plotly figure, caption)`` triples."""
+    tables: list[tuple[str, Any]] = field(default_factory=list)
+    """``(caption, pandas DataFrame)`` pairs: the stage's results as a paper would print them
+    (named columns, rounded numbers), shown in the report."""
+    held_out: HeldOut | None = None
+    """What the stage selected on and what it evaluated on (``None``: it selects nothing)."""
 
 
 @dataclass(frozen=True)
@@ -62,10 +116,13 @@ class RunContext:
         if self._pair is None:
             from em_interp.models.loading import load_pair
 
+            log.info("loading the base model and the organism of %s (weights not yet in the "
+                     "cache are fetched, converted or trained first)", self.config.card)
             t = time.perf_counter()
             self._pair = load_pair(self.config.card, **self.config.load_kwargs(),
                                    progress=self.progress)
             self.timings["load_models"] = time.perf_counter() - t
+            log.info("models loaded in %.1f s", self.timings["load_models"])
         return self._pair
 
     def work_dir(self, stage: str) -> Path:

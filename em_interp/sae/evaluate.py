@@ -15,6 +15,13 @@ cross-entropy over real tokens (SAE-Lens's ``get_recons_loss``, with the attenti
 
 where ``CE_zero`` zero-ablates the hook's activation. 1 means the reconstruction loses nothing
 the model needs; 0 means it is as bad as deleting the activation.
+
+**On which tokens.** Every one of these numbers flatters an SAE measured on its own training
+tokens. :func:`evaluate_sae` takes ``train_prompts=`` (what the SAE was trained on) and sets
+``on_training_data`` whenever any evaluated prompt is among them, by content id
+(:func:`em_interp.data.prompt_ids`), recording how many (``n_train_overlap``).
+:func:`held_out_split` cuts a prompt mixture into a held-out evaluation part of at least
+``n_tokens`` real tokens (capped by the prompts available) and the rest, to train on.
 """
 
 from __future__ import annotations
@@ -27,10 +34,45 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from em_interp.inputs import n_prompts, token_batches, unwrap
+from em_interp.errors import ConfigError, DataError
+from em_interp.inputs import as_prompt_list, n_prompts, token_batches, unwrap
 from em_interp.results import Result
 from em_interp.sae.encode import hook_activation_batches
 from em_interp.sae.load import check_sae
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationMetrics:
+    """What :func:`activation_metrics` returns: the SAE's reconstruction and sparsity on
+    activation rows (see the module docstring)."""
+
+    explained_variance: float
+    mse: float
+    """Mean squared reconstruction error per token, summed over ``d_in``."""
+    l0: float
+    """Mean number of active latents per token."""
+    dead_fraction: float
+    """Fraction of latents that never fire on these rows."""
+    n_tokens: int
+    latent_density: np.ndarray
+    """``[d_sae]``: fraction of the rows on which each latent fires."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CEMetrics:
+    """What :func:`ce_metrics` returns: next-token cross-entropy over real positions, clean,
+    with the SAE spliced in (no error term) and with the hook zero-ablated. Every loss is
+    ``None`` when the prompts held no next-token position (``n_ce_tokens == 0``)."""
+
+    ce_loss_clean: float | None = None
+    ce_loss_sae: float | None = None
+    ce_loss_zero: float | None = None
+    ce_recovered: float | None = None
+    """``(CE_zero - CE_sae) / (CE_zero - CE_clean)``; ``None`` when ``CE_zero == CE_clean``."""
+    kl_div_sae: float | None = None
+    """Mean KL(clean || spliced) of the next-token distributions over real positions."""
+    n_ce_tokens: int = 0
+    """Next-token positions averaged over."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +99,12 @@ class SAEMetrics(Result):
     """Mean KL(clean || spliced) of the next-token distributions over real positions."""
     n_ce_tokens: int = 0
     on_training_data: bool | None = None
-    """True when the evaluated tokens were also training tokens."""
+    """True when any evaluated prompt (or row) was also trained on, False when none was
+    (checked by content id), ``None`` when unknown."""
+    n_prompts: int | None = None
+    """Prompts evaluated on (``None`` for activation rows given directly)."""
+    n_train_overlap: int | None = None
+    """Evaluated prompts that are also training prompts (``None``: not checked)."""
 
     @property
     def df(self) -> pd.DataFrame:
@@ -69,7 +116,8 @@ class SAEMetrics(Result):
     def to_dict(self) -> dict:
         keys = ("hook", "d_in", "d_sae", "explained_variance", "mse", "l0", "dead_fraction",
                 "n_tokens", "ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "ce_recovered",
-                "kl_div_sae", "n_ce_tokens", "on_training_data")
+                "kl_div_sae", "n_ce_tokens", "on_training_data", "n_prompts",
+                "n_train_overlap")
         return {k: getattr(self, k) for k in keys}
 
     def figure(self, title: str | None = None):
@@ -88,12 +136,14 @@ class SAEMetrics(Result):
 
 @torch.no_grad()
 def activation_metrics(sae, acts: Float[torch.Tensor, "n d_in"], *,
-                       batch_size: int = 4096) -> dict:
-    """EV, MSE, L0, dead fraction and per-latent density of ``sae`` on rows ``acts``."""
+                       batch_size: int = 4096) -> ActivationMetrics:
+    """EV, MSE, L0, dead fraction and per-latent density of ``sae`` on rows ``acts``, as an
+    :class:`ActivationMetrics`."""
     dev = sae.W_enc.device
     n = acts.shape[0]
     if n == 0:
-        raise ValueError("activation_metrics needs at least one row.")
+        raise DataError("activation_metrics needs at least one activation row; pass more "
+                        "prompts or tokens.")
     mean = torch.zeros(acts.shape[1], dtype=torch.float64, device=dev)
     for i in range(0, n, batch_size):
         mean += acts[i:i + batch_size].to(dev, torch.float64).sum(0)
@@ -111,9 +161,9 @@ def activation_metrics(sae, acts: Float[torch.Tensor, "n d_in"], *,
         l0 += float(active.sum())
         fired += active.sum(0).to(torch.float64)
     density = (fired / n).cpu().numpy()
-    return {"explained_variance": 1.0 - err / var if var > 0 else float("nan"),
-            "mse": err / n, "l0": l0 / n, "dead_fraction": float((density == 0).mean()),
-            "n_tokens": int(n), "latent_density": density}
+    return ActivationMetrics(explained_variance=1.0 - err / var if var > 0 else float("nan"),
+                             mse=err / n, l0=l0 / n, dead_fraction=float((density == 0).mean()),
+                             n_tokens=int(n), latent_density=density)
 
 
 @torch.no_grad()
@@ -152,9 +202,11 @@ def collect_token_activations(model, hook: str, prompts, *, max_tokens: int | No
 
 @torch.no_grad()
 def ce_metrics(model, sae, prompts, *, hook_name: str | None = None, batch_size: int = 8,
-               chat: bool = True, system: str | None = None, progress: bool = False) -> dict:
+               chat: bool = True, system: str | None = None,
+               progress: bool = False) -> CEMetrics:
     """CE loss clean / with the SAE (no error term) / zero-ablated, CE recovered and KL, averaged
-    over real next-token positions, through SAE-Lens's ``get_recons_loss``."""
+    over real next-token positions, through SAE-Lens's ``get_recons_loss``, as a
+    :class:`CEMetrics`."""
     from sae_lens.evals import get_recons_loss
     from sae_lens.training.activation_scaler import ActivationScaler
 
@@ -182,19 +234,99 @@ def ce_metrics(model, sae, prompts, *, hook_name: str | None = None, batch_size:
         bar.update(len(batch.tokens))
     bar.close()
     if n_tok == 0:
-        return {"n_ce_tokens": 0}
+        return CEMetrics(n_ce_tokens=0)
     clean = sums["ce_loss_without_sae"] / n_tok
     with_sae = sums["ce_loss_with_sae"] / n_tok
     zero = sums["ce_loss_with_ablation"] / n_tok
-    return {"ce_loss_clean": clean, "ce_loss_sae": with_sae, "ce_loss_zero": zero,
-            "ce_recovered": (zero - with_sae) / (zero - clean) if zero != clean else None,
-            "kl_div_sae": sums["kl_div_with_sae"] / n_pos, "n_ce_tokens": n_tok}
+    return CEMetrics(ce_loss_clean=clean, ce_loss_sae=with_sae, ce_loss_zero=zero,
+                     ce_recovered=(zero - with_sae) / (zero - clean) if zero != clean else None,
+                     kl_div_sae=sums["kl_div_with_sae"] / n_pos, n_ce_tokens=n_tok)
+
+
+def training_overlap(prompts, train_prompts) -> int:
+    """How many of ``prompts`` are among ``train_prompts``, by content id."""
+    from em_interp.data import prompt_ids
+
+    train = set(prompt_ids(as_prompt_list(train_prompts)))
+    return sum(i in train for i in prompt_ids(as_prompt_list(prompts)))
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutSplit:
+    """What :func:`held_out_split` returns: the held-out evaluation prompts and the rest."""
+
+    evaluation: object
+    """The held-out prompts (a ``PromptSet`` when one was split)."""
+    rest: object
+    """Every other prompt, to train on."""
+    n_tokens: int
+    """Real tokens of the evaluation prompts (chat template included)."""
+    capped: bool
+    """True when the cap on the evaluation share stopped it short of the tokens asked."""
+
+
+def held_out_split(model, prompts, n_tokens: int, *, seed: int = 0,
+                   max_fraction: float = 0.25, chat: bool = True,
+                   system: str | None = None) -> HeldOutSplit:
+    """Hold out prompts for evaluating an SAE: drawn in a seeded random order until their real
+    tokens reach ``n_tokens``, at most ``max_fraction`` of the prompts (so enough are left to
+    train on) and at least one; the rest are returned for training.
+
+    Args:
+        model: the model whose tokenizer counts the tokens.
+        prompts: a ``PromptSet`` or a list of prompts (the mixture the SAE would train on).
+        n_tokens: real tokens wanted in the evaluation part.
+        seed: seeds the order.
+        max_fraction: largest share of the prompts held out.
+        chat: count tokens with the chat template applied, as the forwards read them.
+        system: a system message for text prompts.
+
+    Raises:
+        DataError: fewer than two prompts.
+        ConfigError: ``n_tokens < 1`` or ``max_fraction`` outside (0, 1).
+    """
+    import random
+
+    from em_interp.inputs import tokenize
+
+    if n_tokens < 1 or not 0 < max_fraction < 1:
+        raise ConfigError(f"held_out_split needs n_tokens >= 1 and max_fraction in (0, 1), got "
+                          f"{n_tokens} and {max_fraction}.")
+    items = as_prompt_list(prompts)
+    if len(items) < 2:
+        raise DataError(f"held_out_split needs at least two prompts (one to evaluate on, one to "
+                        f"train on), got {len(items)}.")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    cap = max(1, int(max_fraction * len(items)))
+    chosen, have = [], 0
+    for start in range(0, cap, 64):  # tokenize in chunks: stop as soon as there are enough
+        part = order[start:min(cap, start + 64)]
+        lengths = tokenize(model, [items[i] for i in part], chat=chat,
+                           system=system).attention_mask.sum(-1).tolist()
+        for i, n in zip(part, lengths, strict=True):
+            chosen.append(i)
+            have += int(n)
+            if have >= n_tokens:
+                break
+        if have >= n_tokens:
+            break
+    keep = sorted(set(range(len(items))) - set(chosen))
+    chosen.sort()
+    if hasattr(prompts, "subset") and hasattr(prompts, "meta"):
+        name = getattr(prompts, "name", "prompts")
+        ev, rest = (prompts.subset(chosen, f"{name}[held-out]"),
+                    prompts.subset(keep, f"{name}[train]"))
+    else:
+        ev, rest = [items[i] for i in chosen], [items[i] for i in keep]
+    return HeldOutSplit(evaluation=ev, rest=rest, n_tokens=have, capped=have < n_tokens)
 
 
 def evaluate_sae(model, sae, prompts=None, *, acts: torch.Tensor | None = None,
                  hook_name: str | None = None, max_tokens: int = 4096, batch_size: int = 8,
                  chat: bool = True, system: str | None = None, ce_loss: bool = True,
-                 on_training_data: bool | None = None, progress: bool = False) -> SAEMetrics:
+                 on_training_data: bool | None = None, train_prompts=None,
+                 progress: bool = False) -> SAEMetrics:
     """Evaluate ``sae`` on ``model`` (module docstring): activation metrics and CE recovered.
 
     Args:
@@ -209,7 +341,10 @@ def evaluate_sae(model, sae, prompts=None, *, acts: torch.Tensor | None = None,
         chat: apply the chat template to text prompts.
         system: a system message for text prompts.
         ce_loss: compute the CE metrics (three forwards per batch).
-        on_training_data: recorded in the result (were these tokens trained on?).
+        on_training_data: were these tokens trained on? Recorded; with ``train_prompts`` it
+            is also set True when any of ``prompts`` is a training prompt.
+        train_prompts: the SAE's training prompts: ``prompts`` are checked against them by
+            content id (``n_train_overlap``; ``on_training_data`` False when none is shared).
         progress: show progress bars.
 
     Returns:
@@ -217,7 +352,8 @@ def evaluate_sae(model, sae, prompts=None, *, acts: torch.Tensor | None = None,
     """
     hook = check_sae(model, sae, hook_name)
     if acts is None and prompts is None:
-        raise ValueError("evaluate_sae needs prompts or acts.")
+        raise ConfigError("evaluate_sae needs prompts (or acts=, activation rows) to evaluate "
+                          "on.")
     if acts is None:
         acts = collect_token_activations(model, hook, prompts, max_tokens=max_tokens,
                                          batch_size=batch_size, chat=chat, system=system,
@@ -225,10 +361,26 @@ def evaluate_sae(model, sae, prompts=None, *, acts: torch.Tensor | None = None,
     am = activation_metrics(sae, acts.flatten(1) if acts.ndim > 2 else acts)
     cm = (ce_metrics(model, sae, prompts, hook_name=hook, batch_size=batch_size, chat=chat,
                      system=system, progress=progress)
-          if ce_loss and prompts is not None else {})
+          if ce_loss and prompts is not None else CEMetrics())
+    overlap = None
+    if train_prompts is not None and prompts is not None:
+        try:
+            overlap = training_overlap(prompts, train_prompts)
+        except DataError:  # token ids have no content ids to compare
+            overlap = None
+        if overlap is not None:
+            on_training_data = bool(on_training_data) or overlap > 0
     return SAEMetrics(hook=hook, d_in=int(sae.cfg.d_in), d_sae=int(sae.cfg.d_sae),
-                      on_training_data=on_training_data, **am, **cm)
+                      explained_variance=am.explained_variance, mse=am.mse, l0=am.l0,
+                      dead_fraction=am.dead_fraction, n_tokens=am.n_tokens,
+                      latent_density=am.latent_density, ce_loss_clean=cm.ce_loss_clean,
+                      ce_loss_sae=cm.ce_loss_sae, ce_loss_zero=cm.ce_loss_zero,
+                      ce_recovered=cm.ce_recovered, kl_div_sae=cm.kl_div_sae,
+                      n_ce_tokens=cm.n_ce_tokens, on_training_data=on_training_data,
+                      n_prompts=None if prompts is None else n_prompts(prompts),
+                      n_train_overlap=overlap)
 
 
-__all__ = ["SAEMetrics", "activation_metrics", "ce_metrics", "collect_token_activations",
-           "evaluate_sae"]
+__all__ = ["ActivationMetrics", "CEMetrics", "HeldOutSplit", "SAEMetrics", "activation_metrics",
+           "ce_metrics", "collect_token_activations", "evaluate_sae", "held_out_split",
+           "training_overlap"]

@@ -13,6 +13,23 @@ For each prompt ``i`` the SAE's token-averaged latents ``z_bar(x_i)`` (BLOCK-EM 
   with its two-sided p-value (t = rho sqrt((n-2)/(1-rho^2)), n-2 degrees of freedom; the same as
   ``scipy.stats.pearsonr``). A latent that never varies has no correlation (NaN, ranked last).
 
+**Is the best latent more than chance?** With ``n`` prompts and thousands of latents, the
+largest ``|rho_k|`` is large under pure noise (about 0.4-0.5 at ``n = 64`` and a few thousand
+latents, 0.7-0.8 at ``n = 16``),
+so neither ``max |rho|`` nor the raw p-values mean anything alone. Two references are computed:
+
+* a **permutation null of max |rho|**: the labels are permuted ``B`` times (200 by default) and,
+  for each permutation ``b``, ``M_b = max_k |rho_k(y_b)|`` is recomputed over all latents. With
+  the latents and the permuted labels standardised (``X~`` ``[n, d]``, ``Y~`` ``[B, n]``, unit
+  norm columns / rows, centred), every correlation is one matrix product ``R = Y~ X~``
+  (``[B, d]``, in chunks of permutations). The p-value of the observed maximum counts the
+  observed labelling as one permutation, ``p = (1 + #{b : M_b >= max_k |rho_k|}) / (1 + B)``
+  (:func:`em_interp.stats.permutation_pvalues`), and the same null gives each latent a
+  family-wise (max-T) adjusted p-value ``(1 + #{b : M_b >= |rho_k|}) / (1 + B)``. Reported with
+  the null's 95th percentile of ``max |rho|``: the value chance reaches 5% of the time;
+* **Benjamini-Hochberg** over the latents' raw p-values (:func:`em_interp.stats.bh_fdr`):
+  "``N`` latents significant at FDR 5%".
+
 The paper plots ``m_k`` against ``rho_k`` (Fig. 14: a "safety-context" latent correlates with
 refusal, a jailbreak latent #2492 anti-correlates), then looks at what the extreme latents fire
 on. :func:`analyze_features` does all of it in one call: the correlations, the top and bottom
@@ -34,12 +51,16 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from em_interp.data import user_text
-from em_interp.errors import DataError
+from em_interp.errors import ConfigError, DataError
 from em_interp.inputs import as_prompt_list, n_prompts, tokenizer_of
 from em_interp.results import Result
 from em_interp.sae.data import special_token_ids
 from em_interp.sae.encode import encode_activations, hook_activation_batches
 from em_interp.sae.load import check_sae
+from em_interp.stats import bh_fdr, permutation_matrix, permutation_pvalues
+
+N_PERMUTATIONS = 200
+"""Label permutations of the max-|r| null by default."""
 
 
 def pearson(latents: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,6 +84,29 @@ def pearson(latents: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
     return r, np.where(np.isnan(r), np.nan, p)
 
 
+def max_abs_r_null(latents: np.ndarray, permuted_labels: np.ndarray, *,
+                   chunk: int = 64) -> np.ndarray:
+    """``[B]``: for each row of ``permuted_labels`` ``[B, n]``, the largest ``|r|`` over the
+    columns of ``latents`` ``[n, d]`` (constant columns left out), as one matrix product of the
+    standardised matrices per chunk of ``chunk`` permutations (module docstring)."""
+    x = np.asarray(latents, dtype=np.float64)
+    n = x.shape[0]
+    xc = x - x.mean(0)
+    sxx = np.sqrt((xc * xc).sum(0))
+    live = sxx > np.sqrt(1e-24 * n)
+    xs = xc[:, live] / sxx[live]  # [n, d_live], unit-norm centred columns
+    y = np.asarray(permuted_labels, dtype=np.float64).reshape(-1, n)
+    out = np.zeros(y.shape[0])
+    if not live.any():
+        return out
+    for i in range(0, y.shape[0], chunk):
+        yc = y[i:i + chunk] - y[i:i + chunk].mean(1, keepdims=True)
+        yn = np.sqrt((yc * yc).sum(1, keepdims=True))
+        ys = np.divide(yc, yn, out=np.zeros_like(yc), where=yn > 0)
+        out[i:i + chunk] = np.abs(ys @ xs).max(1)
+    return np.minimum(out, 1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureCorrelations(Result):
     """Per-latent mean activation and correlation with a per-prompt label (module docstring)."""
@@ -81,14 +125,71 @@ class FeatureCorrelations(Result):
     n_prompts: int
     label_name: str = "label"
     hook: str | None = None
+    p_bh: np.ndarray | None = None
+    """``[d_sae]`` Benjamini-Hochberg adjusted ``p_value`` over the varying latents (NaN for
+    constant ones)."""
+    fdr_alpha: float = 0.05
+    """Level of the false discovery rate for :attr:`n_significant`."""
+    null_max_abs_r: np.ndarray | None = None
+    """``[B]`` max over latents of ``|r|`` under each of ``B`` label permutations (``None``:
+    no null was drawn)."""
+
+    @property
+    def max_abs_r(self) -> float | None:
+        """The largest ``|r|`` over the latents (``None`` when none varies)."""
+        live = ~np.isnan(self.pearson_r)
+        return float(np.abs(self.pearson_r[live]).max()) if live.any() else None
+
+    @property
+    def n_significant(self) -> int | None:
+        """Latents significant at FDR :attr:`fdr_alpha` (Benjamini-Hochberg)."""
+        if self.p_bh is None:
+            return None
+        return int(np.sum(np.nan_to_num(self.p_bh, nan=1.0) <= self.fdr_alpha))
+
+    @property
+    def n_permutations(self) -> int:
+        return 0 if self.null_max_abs_r is None else int(len(self.null_max_abs_r))
+
+    @property
+    def p_max_abs_r(self) -> float | None:
+        """Permutation p-value of the observed max ``|r|``, ``(1 + #{M_b >= max|r|}) / (1 +
+        B)`` (``None`` without a null)."""
+        if self.null_max_abs_r is None or self.max_abs_r is None:
+            return None
+        return permutation_pvalues([self.max_abs_r], self.null_max_abs_r[:, None]).p_max
+
+    def null_quantile(self, q: float = 0.95) -> float | None:
+        """The ``q`` quantile of max ``|r|`` under the permutation null."""
+        if self.null_max_abs_r is None or not len(self.null_max_abs_r):
+            return None
+        return float(np.quantile(self.null_max_abs_r, q))
+
+    @property
+    def p_fwer(self) -> np.ndarray | None:
+        """``[d_sae]`` family-wise (max-T) adjusted permutation p-value of each latent,
+        ``(1 + #{M_b >= |r_k|}) / (1 + B)`` (NaN for constant latents)."""
+        if self.null_max_abs_r is None:
+            return None
+        null = np.sort(np.asarray(self.null_max_abs_r, dtype=np.float64))
+        a = np.abs(self.pearson_r)
+        tol = 1e-12 * np.maximum(1.0, np.nan_to_num(a))  # ties count against the latent
+        at_least = len(null) - np.searchsorted(null, np.nan_to_num(a) - tol, side="left")
+        return np.where(np.isnan(a), np.nan, (1 + at_least) / (1 + len(null)))
 
     @property
     def df(self) -> pd.DataFrame:
         """One row per latent, by ``pearson_r`` descending (NaN last): ``latent``,
-        ``mean_activation``, ``frac_active``, ``pearson_r``, ``p_value``, ``mean_<label>``..."""
+        ``mean_activation``, ``frac_active``, ``pearson_r``, ``p_value``, ``p_bh``, ``p_fwer``
+        (when computed), ``mean_<label>``..."""
         cols = {"latent": np.arange(len(self.pearson_r)),
                 "mean_activation": self.mean_activation, "frac_active": self.frac_active,
                 "pearson_r": self.pearson_r, "p_value": self.p_value}
+        if self.p_bh is not None:
+            cols["p_bh"] = self.p_bh
+        fwer = self.p_fwer
+        if fwer is not None:
+            cols["p_fwer"] = fwer
         for k, v in self.mean_by_label.items():
             cols[f"mean_{self.label_name}_{k}"] = np.asarray(v)
         return pd.DataFrame(cols).sort_values("pearson_r", ascending=False,
@@ -107,13 +208,34 @@ class FeatureCorrelations(Result):
     def to_dict(self) -> dict:
         live = ~np.isnan(self.pearson_r)
         top, bottom = self.top(5), self.bottom(5)
+
+        def rows(d):
+            return [{"latent": int(r.latent), "pearson_r": float(r.pearson_r),
+                     "p_bh": float(r.p_bh) if "p_bh" in d else None}
+                    for r in d.itertuples(index=False)]
+
         return {"hook": self.hook, "label": self.label_name, "n_prompts": self.n_prompts,
                 "d_sae": int(len(self.pearson_r)), "n_varying_latents": int(live.sum()),
-                "top": [{"latent": int(a), "pearson_r": float(b)}
-                        for a, b in zip(top["latent"], top["pearson_r"], strict=True)],
-                "bottom": [{"latent": int(a), "pearson_r": float(b)}
-                           for a, b in zip(bottom["latent"], bottom["pearson_r"], strict=True)],
-                "max_abs_r": float(np.nanmax(np.abs(self.pearson_r))) if live.any() else None}
+                "top": rows(top), "bottom": rows(bottom), "max_abs_r": self.max_abs_r,
+                "p_max_abs_r": self.p_max_abs_r, "n_permutations": self.n_permutations,
+                "null_max_abs_r_q95": self.null_quantile(0.95),
+                "n_significant_fdr": self.n_significant, "fdr_alpha": self.fdr_alpha}
+
+    def table(self, n: int = 5) -> pd.DataFrame:
+        """The ``n`` most positive and ``n`` most negative latents as a paper's table:
+        ``side``, ``latent``, ``r``, ``p`` (raw), ``p_BH``, ``p_FWER`` (permutation max-T),
+        ``mean activation``, ``fraction active``."""
+        parts = [self.top(n).assign(side="positive"), self.bottom(n).assign(side="negative")]
+        d = pd.concat(parts, ignore_index=True).drop_duplicates("latent")
+        out = pd.DataFrame({"side": d["side"], "latent": d["latent"].astype(int),
+                            "r": d["pearson_r"].round(3), "p": d["p_value"].map(_fmt_p)})
+        if "p_bh" in d:
+            out["p_BH"] = d["p_bh"].map(_fmt_p)
+        if "p_fwer" in d:
+            out["p_FWER (permutation)"] = d["p_fwer"].map(_fmt_p)
+        out["mean activation"] = d["mean_activation"].map(lambda v: float(f"{v:.3g}"))
+        out["fraction active"] = d["frac_active"].round(2)
+        return out.reset_index(drop=True)
 
     def figure(self, kind: str = "scatter", *, n: int = 15, highlight: Sequence[int] = (),
                title: str | None = None):
@@ -146,6 +268,13 @@ class FeatureCorrelations(Result):
                 marker_color=["#2ca02c" if r > 0 else "#ff7f0e" for r in part["pearson_r"]]))
             fig.update_layout(xaxis_title="latent", yaxis_title=f"Pearson r with "
                                                                 f"{self.label_name}")
+            q95 = self.null_quantile(0.95)
+            if q95 is not None:
+                for y in (q95, -q95):
+                    fig.add_hline(y=y, line_dash="dash", line_color="gray")
+                fig.add_annotation(x=1, xref="paper", y=q95, showarrow=False, yshift=10,
+                                   xanchor="right", text=f"±{q95:.2f}: max |r| reached by 5% "
+                                   f"of {self.n_permutations} label permutations")
         else:
             raise ValueError(f"kind must be 'scatter' or 'bars', got {kind!r}")
         fig.update_layout(template="plotly_white", title=title or (
@@ -154,10 +283,20 @@ class FeatureCorrelations(Result):
         return fig
 
 
+def _fmt_p(p) -> str:
+    """A p-value for a table: 3 significant digits, ``<1e-300`` style below float range."""
+    if p is None or not np.isfinite(p):
+        return ""
+    return f"{p:.2g}" if p >= 1e-300 else "<1e-300"
+
+
 def feature_correlations(latents: Float[torch.Tensor, "n d_sae"], labels: Sequence[float], *,
-                         label_name: str = "label", hook: str | None = None
+                         label_name: str = "label", hook: str | None = None,
+                         n_permutations: int = N_PERMUTATIONS, seed: int = 0,
+                         fdr_alpha: float = 0.05, groups: Sequence | None = None
                          ) -> FeatureCorrelations:
-    """Mean activation and Pearson correlation with ``labels`` of every latent.
+    """Mean activation and Pearson correlation with ``labels`` of every latent, with the
+    permutation null of max ``|r|`` and Benjamini-Hochberg over latents (module docstring).
 
     Args:
         latents: per-prompt latents ``[n_prompts, d_sae]`` (e.g. :func:`~em_interp.sae.encode`
@@ -165,6 +304,12 @@ def feature_correlations(latents: Float[torch.Tensor, "n d_sae"], labels: Sequen
         labels: one number per prompt (1 = refused, 0 = complied, or any score).
         label_name: what the label is, for tables and figures.
         hook: the SAE's hook, recorded.
+        n_permutations: label permutations of the max-|r| null (0: no null).
+        seed: seeds the permutations.
+        fdr_alpha: false discovery rate for :attr:`FeatureCorrelations.n_significant`.
+        groups: a group id per prompt: the permutations keep each group's label composition
+            (:func:`em_interp.stats.permutation_matrix`, scheme ``"both"``); ``None``: free
+            permutations (prompts exchangeable).
 
     Returns:
         :class:`FeatureCorrelations`.
@@ -180,13 +325,21 @@ def feature_correlations(latents: Float[torch.Tensor, "n d_sae"], labels: Sequen
     if np.unique(y).size < 2:
         raise DataError(f"every prompt has the same {label_name} ({y[0]}); correlations need "
                         "both classes (e.g. harmful and harmless prompts).")
+    if n_permutations < 0:
+        raise ConfigError(f"n_permutations must be >= 0 (0: no null), got {n_permutations}.")
     r, p = pearson(x, y)
     values = np.unique(y)
     by = {str(int(v) if float(v).is_integer() else v): x[y == v].mean(0)
           for v in values} if values.size <= 10 else {}
+    null = None
+    if n_permutations:
+        perms = permutation_matrix(y, n_permutations, seed=seed, groups=groups)
+        null = max_abs_r_null(x, perms)
     return FeatureCorrelations(mean_activation=x.mean(0), frac_active=(x > 0).mean(0),
                                pearson_r=r, p_value=p, mean_by_label=by,
-                               n_prompts=int(x.shape[0]), label_name=label_name, hook=hook)
+                               n_prompts=int(x.shape[0]), label_name=label_name, hook=hook,
+                               p_bh=bh_fdr(p, alpha=fdr_alpha).adjusted, fdr_alpha=fdr_alpha,
+                               null_max_abs_r=null)
 
 
 # ------------------------------------------------------------------ full analysis
@@ -231,14 +384,13 @@ class FeatureAnalysis(Result):
         return self.correlations.figure(kind, **kwargs)
 
 
-
-
 @torch.no_grad()
 def analyze_features(model, sae, prompts, labels: Sequence[float] | None = None, *,
                      label_name: str | None = None, top_k: int = 10, n_examples: int = 5,
                      context: int = 6, hook_name: str | None = None, batch_size: int = 8,
                      chat: bool = True, system: str | None = None,
-                     progress: bool = True) -> FeatureAnalysis:
+                     n_permutations: int = N_PERMUTATIONS, seed: int = 0,
+                     fdr_alpha: float = 0.05, progress: bool = True) -> FeatureAnalysis:
     """Correlate every latent with ``labels`` and show what the extreme latents fire on.
 
     Args:
@@ -255,6 +407,9 @@ def analyze_features(model, sae, prompts, labels: Sequence[float] | None = None,
         batch_size: prompts per forward.
         chat: apply the chat template to text prompts.
         system: a system message for text prompts.
+        n_permutations: label permutations of the max-|r| null (0: none).
+        seed: seeds the permutations.
+        fdr_alpha: false discovery rate of the Benjamini-Hochberg count.
         progress: show a progress bar.
 
     Returns:
@@ -280,7 +435,8 @@ def analyze_features(model, sae, prompts, labels: Sequence[float] | None = None,
         zbar[start:start + z.shape[0]] = z.cpu()
         bar.update(z.shape[0])
     bar.close()
-    corr = feature_correlations(zbar, labels, label_name=label_name, hook=hook)
+    corr = feature_correlations(zbar, labels, label_name=label_name, hook=hook,
+                                n_permutations=n_permutations, seed=seed, fdr_alpha=fdr_alpha)
     chosen = [("top", int(k)) for k in corr.top(top_k)["latent"]] + [
         ("bottom", int(k)) for k in corr.bottom(top_k)["latent"]]
     examples = _examples(model, sae, hook, prompts, labels, zbar, chosen,

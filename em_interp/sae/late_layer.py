@@ -97,7 +97,8 @@ class LateLayerSAEResult(Result):
 
 def late_layer_sae_analysis(model, prompts, *, layer: int | None = None,
                             labels: Sequence[float] | str | None = None,
-                            cfg: SAETrainConfig | None = None, train_data=None, judge=None,
+                            cfg: SAETrainConfig | None = None, train_data=None,
+                            eval_prompts=None, judge=None,
                             max_new_tokens: int = 48, top_k: int = 10, n_examples: int = 5,
                             batch_size: int = 8, system: str | None = None,
                             progress: bool = True) -> LateLayerSAEResult:
@@ -115,6 +116,9 @@ def late_layer_sae_analysis(model, prompts, *, layer: int | None = None,
             inputs, L1 5).
         train_data: what to train the SAE on (default: ``prompts``); anything
             :func:`~em_interp.sae.train.train_sae` accepts (a store, text, ...).
+        eval_prompts: prompts held out from ``train_data`` for the SAE's quality metrics
+            (:func:`~em_interp.sae.evaluate.held_out_split`); default: the first training
+            prompts, flagged ``metrics.on_training_data``.
         judge: the refusal judge for ``labels="refusal"`` (default ``RefusalStringJudge()``).
         max_new_tokens: answer length for ``labels="refusal"``.
         top_k: latents kept on each side of the correlation ranking.
@@ -155,7 +159,7 @@ def late_layer_sae_analysis(model, prompts, *, layer: int | None = None,
     else:
         labels, source, name = list(labels), "given", "label"
     train = train_sae(model, hook, prompts if train_data is None else train_data,
-                      cfg or default_config(), progress=progress)
+                      cfg or default_config(), eval_prompts=eval_prompts, progress=progress)
     features = analyze_features(model, train.sae, prompts, labels, label_name=name,
                                 top_k=top_k, n_examples=n_examples, batch_size=batch_size,
                                 system=system, progress=progress)

@@ -29,8 +29,13 @@ It writes SAE-Lens's folder (``cfg.json``, ``sae_weights.safetensors``, ``sparsi
 whose ``cfg.json`` also names card, variant, hook, data and this config under
 ``metadata["em_interp"]``, plus ``result/`` (the :class:`SAETrainResult`), atomically. At the end
 it evaluates the SAE (:func:`em_interp.sae.evaluate.evaluate_sae`: explained variance, L0,
-dead-latent fraction, CE-loss recovered). Calling it again with the same model, hook, data and
-config returns the saved result without training. wandb is off unless ``wandb=True``.
+dead-latent fraction, CE-loss recovered). Pass ``eval_prompts=`` held out from training
+(:func:`em_interp.sae.evaluate.held_out_split`): they are checked against the training prompts by
+content id (``train_prompts=`` names them for a store or tensor), and ``metrics.on_training_data``
+says whether any was trained on. Without them the metrics are measured on the first training
+prompts or rows and flagged ``on_training_data=True``. Calling it again with the same model, hook,
+data and config returns the saved result without training (re-evaluated when other
+``eval_prompts`` are passed). wandb is off unless ``wandb=True``.
 """
 
 from __future__ import annotations
@@ -54,11 +59,12 @@ import torch
 
 from em_interp import hooks
 from em_interp.errors import ConfigError, DataError, StoreMismatchError
-from em_interp.inputs import as_prompt_list, describe_model, unwrap
+from em_interp.inputs import as_prompt_list, describe_model, tokenizer_of, unwrap
 from em_interp.results import Result, json_safe
 from em_interp.sae.data import (
     capture_first,
     describe_data,
+    is_text,
     iterator_batches,
     special_token_ids,
     store_batches,
@@ -221,6 +227,9 @@ class SAETrainResult(Result):
     n_steps: int
     n_tokens: int
     train_seconds: float
+    eval_data: dict | None = None
+    """What :attr:`metrics` were measured on: ``{"kind": "training data"}`` or ``{"kind":
+    "prompts", "hash": ..., "n_prompts": ...}``."""
 
     @property
     def sae(self):
@@ -246,7 +255,9 @@ class SAETrainResult(Result):
                 if self.train_seconds > 0 else None,
                 **{k: v for k, v in self.metrics.to_dict().items()
                    if k in ("explained_variance", "l0", "dead_fraction", "ce_recovered",
-                            "ce_loss_clean", "ce_loss_sae", "ce_loss_zero")}}
+                            "ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "on_training_data",
+                            "n_train_overlap")},
+                "n_eval_tokens": self.metrics.n_tokens, "n_eval_prompts": self.metrics.n_prompts}
 
     def figure(self, title: str | None = None):
         """Training curve: batch MSE (log scale) and batch explained variance per step."""
@@ -469,11 +480,92 @@ def _cached(folder: Path, ident: dict, overwrite: bool) -> SAETrainResult | None
                              "another out_dir, or overwrite=True to replace it.")
 
 
+# ------------------------------------------------------------------ sizes (text data)
+
+
+def check_text_sizes(cfg: SAETrainConfig, dataset, tokenizer) -> int | None:
+    """Check, before SAE-Lens's runner starts, that it can serve batches from ``dataset``.
+
+    The runner concatenates the texts (a BOS at the start of each ``context_size`` window, a
+    separator between texts) into full windows only, runs the model on them and keeps an
+    activation buffer of ``n_batches_in_buffer * context_size`` tokens from which it serves
+    ``batch_size``-token training batches. SAE-Lens raises a bare ``ValueError`` from deep inside
+    its runner when the buffer is smaller than one batch or the text holds no full window; here
+    each case is an error naming the numbers and the fix. Text shorter than one batch is refused
+    too (every batch would repeat the same tokens), as for a tensor with fewer rows than a batch.
+
+    Args:
+        cfg: the training config.
+        dataset: the text (``datasets`` dataset with a ``text`` column); ``None`` checks only the
+            config.
+        tokenizer: the model's tokenizer (counts the tokens the runner would make).
+
+    Returns:
+        The tokens counted (counting stops once both limits are met), or ``None`` without data.
+
+    Raises:
+        ConfigError: the buffer is smaller than one training batch.
+        DataError: the text is shorter than one context window or one training batch.
+    """
+    n_buf, ctx, batch = cfg.n_batches_in_buffer, cfg.context_size, cfg.batch_size
+    buffer = n_buf * ctx
+    if buffer < batch:
+        raise ConfigError(
+            f"training from text, SAE-Lens's runner buffers n_batches_in_buffer x context_size = "
+            f"{n_buf} x {ctx} = {buffer} tokens, fewer than one training batch "
+            f"(batch_size={batch}). Raise n_batches_in_buffer to {-(-batch // ctx)} (or "
+            f"context_size to {-(-batch // n_buf)}), or lower batch_size to {buffer}.")
+    if dataset is None:
+        return None
+    need = max(ctx, batch)
+    n_tok = n_texts = 0
+    for row in dataset:
+        n_tok += len(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
+        n_texts += 1
+        if n_tok >= need:
+            return n_tok
+    if n_tok < ctx:  # (the BOS and separators it adds are not counted: they are filtered out)
+        raise DataError(
+            f"the text holds {n_tok} tokens in {n_texts} texts, fewer than one context window "
+            f"(context_size={ctx}), so SAE-Lens's runner, which uses full windows only, would "
+            f"find nothing to train on. Pass more text (at least {ctx} tokens), or lower "
+            f"context_size to {n_tok}.")
+    if n_tok < batch:
+        raise DataError(
+            f"the text holds {n_tok} tokens in {n_texts} texts, fewer than one training batch "
+            f"(batch_size={batch}): every batch would repeat the same tokens. Pass more text (at "
+            f"least {batch} tokens), or lower batch_size to {n_tok} (and training_tokens with "
+            "it).")
+    return n_tok
+
+
 # ------------------------------------------------------------------ train
 
 
+def _eval_data(eval_prompts) -> dict:
+    from em_interp.inputs import n_prompts, prompts_hash
+
+    if eval_prompts is None:
+        return {"kind": "training data"}
+    return {"kind": "prompts", "hash": prompts_hash(eval_prompts),
+            "n_prompts": n_prompts(eval_prompts)}
+
+
+def _training_prompts(kind: str, data, train_prompts):
+    """The prompts (or texts) the SAE trains on, for the content-id check of the evaluation
+    prompts; ``None`` when they cannot be known (a store, tensor or iterator without
+    ``train_prompts``)."""
+    if train_prompts is not None:
+        return train_prompts
+    if kind == "prompts":
+        return data
+    if kind == "text":
+        return list(text_dataset(data)["text"])
+    return None
+
+
 def train_sae(model, hook: str, data, cfg: SAETrainConfig | None = None, *,
-              eval_prompts=None, overwrite: bool = False,
+              eval_prompts=None, train_prompts=None, overwrite: bool = False,
               progress: bool = True) -> SAETrainResult:
     """Train an SAE-Lens SAE on ``hook`` of ``model`` (see the module docstring).
 
@@ -484,9 +576,12 @@ def train_sae(model, hook: str, data, cfg: SAETrainConfig | None = None, *,
             iterator of ``[batch, d_in]`` tensors, or local text (``datasets.Dataset``, a
             ``.txt``/``.jsonl`` path, :func:`text_dataset`).
         cfg: the :class:`SAETrainConfig` (default: its defaults).
-        eval_prompts: prompts for the final metrics (default: the first ``cfg.eval_prompts``
-            training prompts or texts; for a store or tensor, its first ``eval_tokens`` rows and
-            no CE loss).
+        eval_prompts: prompts for the final metrics, held out from training (default: the
+            first ``cfg.eval_prompts`` training prompts or texts; for a store or tensor, its
+            first ``eval_tokens`` rows and no CE loss; ``on_training_data`` is then True).
+        train_prompts: the prompts a store or tensor was computed from, to check
+            ``eval_prompts`` against by content id (prompts and text data are known already);
+            without them ``on_training_data`` is ``None`` (unknown) for such data.
         overwrite: retrain even if ``out_dir`` holds this SAE, or replace one trained otherwise.
         progress: show progress bars.
 
@@ -495,7 +590,10 @@ def train_sae(model, hook: str, data, cfg: SAETrainConfig | None = None, *,
 
     Raises:
         HookNameError: ``hook`` is not a hook point of the model.
-        DataError: empty or unusable data (a store without the hook, too few rows).
+        ConfigError: local text with an activation buffer (``n_batches_in_buffer *
+            context_size``) smaller than one batch (:func:`check_text_sizes`).
+        DataError: empty or unusable data (a store without the hook, too few rows, text shorter
+            than one context window or one batch).
         StoreMismatchError: ``out_dir`` holds another SAE and ``overwrite`` is False.
     """
     from sae_lens import TrainingSAE
@@ -508,7 +606,11 @@ def train_sae(model, hook: str, data, cfg: SAETrainConfig | None = None, *,
     tl = unwrap(model)
     check_hook(tl, hook)
     d_in = hooks.width(tl, hook)
+    if is_text(data):  # SAE-Lens's runner sizes, before the text is even read
+        check_text_sizes(cfg, None, None)
     kind, data_info = describe_data(model, hook, data)
+    if kind == "text":
+        check_text_sizes(cfg, text_dataset(data), tokenizer_of(model))
     if kind == "store":
         width = int(np.prod(data.shape(hook)[1:]))
         if width != d_in:
@@ -517,15 +619,23 @@ def train_sae(model, hook: str, data, cfg: SAETrainConfig | None = None, *,
     device = cfg.device or _hook_device(tl, hook)
     folder = Path(cfg.out_dir) if cfg.out_dir else _default_out_dir(model, hook, cfg, data_info)
     ident = _identity(model, hook, cfg, data_info)
+    known = _training_prompts(kind, data, train_prompts) if eval_prompts is not None else None
     cached = _cached(folder, ident, overwrite)
     if cached is not None:
-        return cached
+        if eval_prompts is None or cached.eval_data == _eval_data(eval_prompts):
+            return cached
+        log.info("re-evaluating the saved SAE on the eval_prompts given")
+        metrics = evaluate_sae(model, cached.sae, eval_prompts, hook_name=hook,
+                               max_tokens=cfg.eval_tokens, batch_size=cfg.model_batch_size,
+                               ce_loss=cfg.ce_loss, train_prompts=known)
+        return dataclasses.replace(cached, metrics=metrics, eval_data=_eval_data(eval_prompts))
     info = describe_model(model)
     meta = {"card": info.get("card"), "variant": info.get("variant"), "hook": hook,
             "data": data_info, "model": info, "train_config": cfg.to_dict(), "identity": ident}
 
-    # evaluation data: eval_prompts if given, else (part of) the training data, said so
-    eval_acts, on_train, ce_prompts = None, eval_prompts is None, eval_prompts
+    # evaluation data: eval_prompts if given (checked by content id against the training
+    # prompts), else (part of) the training data, said so
+    eval_acts, on_train, ce_prompts = None, True if eval_prompts is None else None, eval_prompts
     if eval_prompts is None and kind == "prompts":
         ce_prompts = as_prompt_list(data)[:max(cfg.eval_prompts, 1)]
     elif eval_prompts is None and kind == "text":
@@ -585,14 +695,14 @@ def train_sae(model, hook: str, data, cfg: SAETrainConfig | None = None, *,
         metrics = evaluate_sae(model, trained, ce_prompts, acts=eval_acts, hook_name=hook,
                                max_tokens=cfg.eval_tokens, batch_size=cfg.model_batch_size,
                                ce_loss=cfg.ce_loss and ce_prompts is not None,
-                               on_training_data=on_train)
+                               on_training_data=on_train, train_prompts=known)
         mse, ev = recorder.curves()
         result = SAETrainResult(
             sae_dir=str(folder), hook=hook, architecture=cfg.architecture, d_in=d_in,
             d_sae=int(trained.cfg.d_sae), card=info.get("card"), variant=info.get("variant"),
             data=data_info, config=cfg.to_dict(), metrics=metrics, mse_curve=mse, ev_curve=ev,
             n_steps=int(len(mse)), n_tokens=int(len(mse)) * cfg.batch_size,
-            train_seconds=float(train_seconds))
+            train_seconds=float(train_seconds), eval_data=_eval_data(eval_prompts))
         result.save(tmp / "result")
     object.__setattr__(result, "_sae", trained)
     return result
@@ -644,5 +754,5 @@ def _train_with_runner(model, hook: str, dataset, cfg: SAETrainConfig, sae_cfg, 
     return sae, recorder
 
 
-__all__ = ["ARCHITECTURES", "SAETrainConfig", "SAETrainResult", "text_dataset",
-           "train_sae", "trainer_config", "training_sae_config"]
+__all__ = ["ARCHITECTURES", "SAETrainConfig", "SAETrainResult", "check_text_sizes",
+           "text_dataset", "train_sae", "trainer_config", "training_sae_config"]

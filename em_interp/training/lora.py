@@ -399,7 +399,8 @@ def load_base_hf(card_or_loaded, *, dtype: str = "float32", device: str | None =
     return card, base_dir, hf, tok
 
 
-def _peft_model(hf, cfg: LoRATrainConfig, n_layers: int):
+def wrap_in_lora(hf, cfg: LoRATrainConfig, n_layers: int):
+    """``hf`` wrapped in a PEFT LoRA as ``cfg`` describes (rank, alpha, modules, layers)."""
     from peft import LoraConfig, get_peft_model
 
     from em_interp.models.lora_merge import quiet_peft
@@ -577,7 +578,7 @@ def train_lora(card_or_loaded, dataset, cfg: LoRATrainConfig | None = None,
         cache_dir() / "lora-runs" / f"{card.name}-{_run_hash(card.name, cfg, convs)}")
     run.mkdir(parents=True, exist_ok=True)
     n_layers = hf.config.num_hidden_layers
-    model = _peft_model(hf, cfg, n_layers)
+    model = wrap_in_lora(hf, cfg, n_layers)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
         model.get_base_model().gradient_checkpointing_enable(

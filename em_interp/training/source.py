@@ -7,19 +7,23 @@ the adapter with :func:`~em_interp.training.lora.train_lora` into
 recipe, the base source, the dataset's content and :data:`~em_interp.training.lora.TRAINING_VERSION`,
 so changing any of them trains anew and an unchanged card never trains twice.
 
-:func:`resolve_trained` is registered in ``pyproject.toml`` as the ``em_interp.sources`` entry
+:func:`resolve_trained` is registered in ``pyproject.toml`` as the ``em_interp.weight_sources`` entry
 point ``trained``; :func:`em_interp.models.sources.resolve_source` finds it there, so the loading
 layer needs no import of this package.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 
 from em_interp.atomic import atomic_dir, is_complete
 from em_interp.models.cache import cache_dir
 from em_interp.models.cards import Card, Source
 from em_interp.models.sources import card_dir, source_key
+
+log = logging.getLogger(__name__)
 
 
 def trained_source_key(src: Source, card: Card) -> tuple[str, object, list]:
@@ -61,6 +65,11 @@ def resolve_trained(src: Source, card: Card, *, progress: bool = True) -> Path:
         return final / "adapter"
     from em_interp.training.lora import load_base_hf, train_lora
 
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(
+        math.ceil(len(convs) / cfg.batch_size) / cfg.grad_accum)))
+    log.info("training the LoRA organism %s: %d steps of %d conversation%s on %s (once; cached "
+             "after the first run in %s)", card.name, steps, cfg.batch_size * cfg.grad_accum,
+             "" if cfg.batch_size * cfg.grad_accum == 1 else "s", src.dataset, final)
     with atomic_dir(final, meta={"source": src.describe(), "recipe": cfg.to_dict()}) as tmp:
         model = load_base_hf(card, dtype=cfg.dtype, device=cfg.device)
         train_lora(card, convs, cfg, tmp, progress=progress, model=model)

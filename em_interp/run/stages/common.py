@@ -10,6 +10,13 @@ from em_interp import hooks
 def prompt_set(ctx, name: str, n: int = 0, *, label: int | None = None,
                split: str | None = None):
     """A shipped set or a file, filtered to ``max_prompt_chars``, then ``n`` sampled (0: all)."""
+    return select_prompts(ctx.config, name, n, label=label, split=split)
+
+
+def select_prompts(config, name: str, n: int = 0, *, label: int | None = None,
+                   split: str | None = None):
+    """:func:`prompt_set` from a :class:`~em_interp.run.config.RunConfig` alone, so a config's
+    check can see the prompts a stage will draw before any model loads."""
     from em_interp.data import (
         list_prompt_sets,
         load_prompt_set,
@@ -29,11 +36,11 @@ def prompt_set(ctx, name: str, n: int = 0, *, label: int | None = None,
         ps = ps.test()
     if label is not None:
         ps = ps.where(label)
-    limit = ctx.config.max_prompt_chars
+    limit = config.max_prompt_chars
     if limit:
         ps = ps.subset([i for i, t in enumerate(ps.texts) if len(t) <= limit])
     if n and n < len(ps):
-        ps = ps.sample(n, seed=ctx.config.seed)
+        ps = ps.sample(n, seed=config.seed)
     return ps
 
 
