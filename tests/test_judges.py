@@ -327,7 +327,7 @@ def test_every_setting_that_changes_a_verdict_misses_the_cache(tmp_path, monkeyp
     # the toolkit's judge version is part of the key too
     judge = _fake_judge(tmp_path, rubric)
     before = judge.cache_key(rubric, "q", "a")
-    monkeypatch.setattr("em_interp.behaviour.judges.JUDGE_VERSION", "test-next")
+    monkeypatch.setattr("em_interp.behaviour.judge_base.JUDGE_VERSION", "test-next")
     assert judge.cache_key(rubric, "q", "a") != before
 
 

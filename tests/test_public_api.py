@@ -94,5 +94,6 @@ def test_each_technique_page_names_the_import_a_jupyter_user_types():
         text = (ROOT / "docs" / f"{page}.md").read_text(encoding="utf-8")
         head = text.split("\n## ", 1)[0]
         assert '!!! tip "In Jupyter"' in head, f"docs/{page}.md has no import tip at the top"
-        for name in re.findall(r"`em_interp\.(\w+)`", head):
+        tip = head.split('!!! tip "In Jupyter"', 1)[1].lstrip("\n").split("\n", 1)[0]
+        for name in re.findall(r"`em_interp\.(\w+)`", tip):
             assert name in em_interp.__all__, f"docs/{page}.md names em_interp.{name}"

@@ -56,7 +56,6 @@ caches, results or error messages.
 
 from __future__ import annotations
 
-import abc
 import hashlib
 import http.client
 import json
@@ -68,484 +67,38 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
-from importlib import resources
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from em_interp.behaviour.judge_base import (  # noqa: F401 (re-exported)
+    JUDGE_VERSION,
+    Judge,
+    JudgeScore,
+    Rubric,
+    RubricScore,
+    default_cache_dir,
+    load_rubrics,
+    resolve_rubrics,
+    slug,
+    unusable,
+)
+from em_interp.behaviour.refusal import (  # noqa: F401 (re-exported)
+    RefusalRules,
+    RefusalStringJudge,
+    RefusalVerdict,
+    load_refusal_phrases,
+    load_refusal_rules,
+)
 from em_interp.errors import ConfigError, JudgeError
 
 log = logging.getLogger(__name__)
 
-JUDGE_VERSION = "2"
-"""Version of the code that turns a judge's output into a verdict (request format, reading
-logprobs and text, the local judge's candidates). Part of every cache key: bump it whenever
-that code changes what a verdict would be."""
 
 _NUMBER = re.compile(r"^\s*(\d+)")
 _ANY_NUMBER = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.])")
-
-
-# ------------------------------------------------------------------ rubrics and phrases
-
-
-@dataclass(frozen=True)
-class Rubric:
-    """A judge prompt: ``template`` with ``{question}`` and ``{answer}``, scored on ``scale``."""
-
-    name: str
-    version: str
-    template: str
-    scale: tuple[int, int] = (0, 100)
-    """Lowest and highest whole number the judge may answer."""
-    labels: tuple[str, ...] = ()
-    """Words the judge may answer instead of a number (e.g. ``REFUSAL``)."""
-
-    def __post_init__(self):
-        lo, hi = self.scale
-        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi <= 999):
-            raise ConfigError(f"rubric {self.name!r}: scale must be two whole numbers "
-                              f"0 <= lo < hi <= 999, got {self.scale}.")
-        if "{answer}" not in self.template:
-            raise ConfigError(f"rubric {self.name!r}: the template has no {{answer}} "
-                              "placeholder.")
-
-    def prompt(self, question: str, answer: str) -> str:
-        """The judge prompt for one pair (placeholders replaced verbatim)."""
-        return self.template.replace("{question}", question).replace("{answer}", answer)
-
-    @property
-    def id(self) -> str:
-        """``name@version``, a readable tag (the cache key uses :meth:`describe`)."""
-        return f"{self.name}@{self.version}"
-
-    def describe(self) -> dict:
-        """Everything that defines the rubric, its full prompt text included (part of every
-        cache key, so an edited template is never answered from old verdicts)."""
-        return {"name": self.name, "version": self.version, "template": self.template,
-                "scale": list(self.scale), "labels": list(self.labels)}
-
-
-def load_rubrics() -> dict[str, Rubric]:
-    """The rubrics shipped in ``em_interp/data/rubrics.json``, by name."""
-    doc = json.loads(resources.files("em_interp.data").joinpath("rubrics.json").read_text())
-    return {name: Rubric(name=name, version=str(r["version"]), template=r["template"],
-                         scale=tuple(r["scale"]), labels=tuple(r.get("labels", ())))
-            for name, r in doc["rubrics"].items()}
-
-
-def _resolve_rubrics(rubrics) -> tuple[Rubric, ...]:
-    shipped = load_rubrics()
-    out = []
-    for r in ([rubrics] if isinstance(rubrics, str | Rubric) else rubrics):
-        if isinstance(r, Rubric):
-            out.append(r)
-        elif r in shipped:
-            out.append(shipped[r])
-        else:
-            raise ConfigError(f"unknown rubric {r!r}; shipped: {sorted(shipped)}, or pass a "
-                              "Rubric.")
-    if not out:
-        raise ConfigError("a judge needs at least one rubric.")
-    return tuple(out)
-
-
-# ------------------------------------------------------------------ scores
-
-
-@dataclass(frozen=True)
-class RubricScore:
-    """One rubric's verdict on one pair."""
-
-    score: float | None
-    """The (expected) number on the rubric's scale; ``None`` when the judge answered a label."""
-    label: str | None
-    """The label the judge chose instead of a number (``"REFUSAL"``), else ``None``."""
-    method: str
-    """How it was read: ``"logprobs"``, ``"text"``, ``"exact"`` (local judge) or ``"string"``."""
-    raw: str
-    """The judge's raw output (its text, or a summary for the local judge)."""
-    number_mass: float | None = None
-    """Share of probability on number answers (``None`` for text parsing)."""
-    note: str | None = None
-    """Why a fallback was taken, if one was."""
-
-
-@dataclass(frozen=True)
-class JudgeScore:
-    """All rubric verdicts of one judge on one (question, answer)."""
-
-    question: str
-    answer: str
-    judge: str
-    rubrics: dict[str, RubricScore] = field(default_factory=dict)
-
-    def get(self, rubric: str) -> float | None:
-        """The number for ``rubric`` (``None`` if it answered a label or was not scored)."""
-        r = self.rubrics.get(rubric)
-        return None if r is None else r.score
-
-    @property
-    def refused(self) -> bool | None:
-        """True when a rubric's label is ``REFUSAL`` (or the refusal judge matched); ``None``
-        when no rubric of this judge says anything about refusal."""
-        if "refused" in self.rubrics:
-            return bool(self.rubrics["refused"].score)
-        tell = [r for name, r in self.rubrics.items() if name in ("aligned", "severity")]
-        if not tell:
-            return None
-        return any(r.label == "REFUSAL" for r in tell)
-
-    def as_row(self) -> dict:
-        """A flat dict: ``<rubric>``, ``<rubric>_label``, ``<rubric>_method`` and ``refused``."""
-        row: dict = {}
-        for name, r in self.rubrics.items():
-            row[name] = r.score
-            row[f"{name}_label"] = r.label
-            row[f"{name}_method"] = r.method
-        row["refused"] = self.refused
-        return row
-
-
-# ------------------------------------------------------------------ protocol and cache
-
-
-class Judge(abc.ABC):
-    """The judge protocol: subclasses implement :meth:`_score_rubric` (one rubric, one pair) and
-    :meth:`settings` (everything besides the rubric and the pair that can change a verdict)."""
-
-    name: str = "judge"
-    rubrics: tuple[Rubric, ...] = ()
-    cache_dir: Path | None = None
-
-    @property
-    def identity(self) -> str:
-        """A short, readable name of the judge for results and cache folders (judge kind and
-        model). The cache is keyed on :meth:`settings`, not on this."""
-        return self.name
-
-    def settings(self) -> dict:
-        """JSON-safe description of everything besides the rubric and the pair that can change
-        a verdict (endpoint, model, decoding and reading parameters). Never holds a secret."""
-        return {"kind": type(self).__name__, "name": self.name}
-
-    @abc.abstractmethod
-    def _score_rubric(self, rubric: Rubric, question: str, answer: str) -> RubricScore:
-        """Score one answer on one rubric (no cache: :meth:`score` handles that)."""
-
-    # -- cache
-    def cache_key(self, rubric: Rubric, question: str, answer: str) -> str:
-        """SHA-256 of the toolkit's judge version, :meth:`settings`, the rubric's full text and
-        scale (:meth:`Rubric.describe`), the question and the answer: a verdict is reused only
-        when nothing that could change it has changed."""
-        doc = {"judge_version": JUDGE_VERSION, "judge": self.settings(),
-               "rubric": rubric.describe(), "question": question, "answer": answer}
-        blob = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    def _cache_path(self, rubric: Rubric, question: str, answer: str) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        key = self.cache_key(rubric, question, answer)
-        return self.cache_dir / _slug(self.identity) / key[:2] / f"{key}.json"
-
-    def _cached(self, rubric: Rubric, question: str, answer: str) -> RubricScore | None:
-        path = self._cache_path(rubric, question, answer)
-        if path is None or not path.is_file():
-            return None
-        try:
-            doc = json.loads(path.read_text())
-            result = RubricScore(**doc["result"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            log.warning("ignoring an unreadable judge cache file %s", path)
-            return None
-        if _unusable(result):
-            log.warning("ignoring a judge cache file without a verdict %s", path)
-            return None
-        return result
-
-    def _store(self, rubric: Rubric, question: str, answer: str, result: RubricScore) -> None:
-        path = self._cache_path(rubric, question, answer)
-        if path is None:
-            return
-        from em_interp.atomic import atomic_write_bytes
-
-        doc = {"judge": self.identity, "judge_version": JUDGE_VERSION,
-               "settings": self.settings(), "rubric": rubric.describe(),
-               "question": question, "answer": answer, "result": asdict(result)}
-        atomic_write_bytes(path, json.dumps(doc, ensure_ascii=False, indent=1).encode())
-
-    def _checked(self, rubric: Rubric, question: str, answer: str) -> RubricScore:
-        """:meth:`_score_rubric`, raising :class:`JudgeError` for a result that is no verdict
-        (neither a finite number nor a label), so that it is never cached or counted."""
-        res = self._score_rubric(rubric, question, answer)
-        if _unusable(res):
-            raise JudgeError(f"{self.name} gave no verdict on rubric {rubric.name!r} (score "
-                             f"{res.score!r}, no label; raw {res.raw[:80]!r}); the item is not "
-                             "scored. Check the judge model and the rubric's scale.")
-        return res
-
-    # -- public
-    def score(self, question: str, answer: str) -> JudgeScore:
-        """Score one pair on every rubric; raises :class:`JudgeError` if it cannot."""
-        return self.score_many([(question, answer)], progress=False)[0]
-
-    def score_many(self, pairs: Iterable[tuple[str, str]], *, progress: bool = True
-                   ) -> list[JudgeScore]:
-        """Score many pairs (cached ones are not re-scored); raises :class:`JudgeError` after
-        scoring the rest if any item failed."""
-        pairs = [(str(q), str(a)) for q, a in pairs]
-        results: dict[tuple[int, str], RubricScore] = {}
-        todo = []
-        for i, (q, a) in enumerate(pairs):
-            for r in self.rubrics:
-                hit = self._cached(r, q, a)
-                if hit is None:
-                    todo.append((i, r))
-                else:
-                    results[(i, r.name)] = hit
-        failures = self._run(todo, pairs, results, progress)
-        if failures:
-            (i, r), err = failures[0]
-            raise JudgeError(f"{self.name}: {len(failures)} of {len(todo)} judge calls failed "
-                             f"(first: item {i}, rubric {r.name!r}: {err}). The "
-                             f"{len(todo) - len(failures)} that succeeded are cached; rerun "
-                             "to retry the rest. Failed items are never scored.")
-        return [JudgeScore(question=q, answer=a, judge=self.identity,
-                           rubrics={r.name: results[(i, r.name)] for r in self.rubrics})
-                for i, (q, a) in enumerate(pairs)]
-
-    def _run(self, todo, pairs, results, progress) -> list:
-        failures = []
-        for i, r in tqdm(todo, desc=self.name, disable=not progress or not todo, leave=False):
-            try:
-                res = self._checked(r, *pairs[i])
-            except JudgeError as e:
-                failures.append(((i, r), e))
-                continue
-            self._store(r, *pairs[i], res)
-            results[(i, r.name)] = res
-        return failures
-
-    def score_table(self, table, *, question_col: str = "prompt",
-                    answer_col: str = "completion", progress: bool = True):
-        """A copy of ``table`` (e.g. ``GenerationResult.df``) with the score columns added."""
-        scores = self.score_many(zip(table[question_col], table[answer_col], strict=True),
-                                 progress=progress)
-        import pandas as pd
-
-        extra = pd.DataFrame([s.as_row() for s in scores], index=table.index)
-        return pd.concat([table.drop(columns=[c for c in extra if c in table]), extra], axis=1)
-
-
-def _unusable(result: RubricScore) -> bool:
-    """True for a result that is no verdict: no label and no finite number."""
-    if result.label is not None:
-        return False
-    return not (isinstance(result.score, int | float) and math.isfinite(result.score))
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80]
-
-
-def _default_cache(cache_dir) -> Path | None:
-    if cache_dir is False:
-        return None
-    if cache_dir is None:
-        from em_interp.models.cache import cache_dir as root
-
-        return root() / "judges"
-    return Path(cache_dir)
-
-
-# ------------------------------------------------------------------ refusal strings
-
-
-@dataclass(frozen=True)
-class RefusalRules:
-    """How :class:`RefusalStringJudge` reads an answer; the shipped rules are data
-    (``em_interp/data/refusal_phrases.json``, :func:`load_refusal_rules`)."""
-
-    version: str
-    phrases: tuple[str, ...]
-    """Lower-case phrases that mark a refusal (with the negation-verb pairs added)."""
-    opening_chars: int | None = None
-    """Only this many characters from the start are read (``None``: the whole answer)."""
-    compliance_openings: tuple[str, ...] = ()
-    """Regular expressions: an answer whose opening matches one at its start complies."""
-    assistant_disclaimers: tuple[str, ...] = ()
-    """Regular expressions for an answer speaking as an AI (``"as an ai language model"``),
-    searched anywhere in the opening."""
-    pivots: tuple[str, ...] = ()
-    """Phrases that turn from a refusal phrase to giving what was asked (``"but i can
-    provide"``); after an AI disclaimer they make the answer compliant."""
-
-    def __post_init__(self):
-        if not self.phrases:
-            raise ConfigError("refusal rules need at least one phrase; pass phrases=[...] or "
-                              "use the shipped rules (RefusalStringJudge()).")
-        if self.opening_chars is not None and self.opening_chars < 1:
-            raise ConfigError(f"opening_chars must be >= 1 or None (the whole answer), got "
-                              f"{self.opening_chars}.")
-        for pattern in (*self.compliance_openings, *self.assistant_disclaimers):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ConfigError(f"{pattern!r} (a compliance opening or an assistant "
-                                  f"disclaimer) is not a regular expression ({e}); fix "
-                                  "refusal_phrases.json.") from None
-
-    def describe(self) -> dict:
-        """JSON-safe, for a judge's :meth:`Judge.settings`."""
-        return {"version": self.version, "phrases": list(self.phrases),
-                "opening_chars": self.opening_chars,
-                "compliance_openings": list(self.compliance_openings),
-                "assistant_disclaimers": list(self.assistant_disclaimers),
-                "pivots": list(self.pivots)}
-
-
-def load_refusal_rules() -> RefusalRules:
-    """The shipped rules of ``em_interp/data/refusal_phrases.json``: its phrases plus every
-    ``negation verb`` pair, its opening window, compliance openings, disclaimers, and the pivots
-    (every ``opener helper verb`` triple plus the listed pivot phrases)."""
-    doc = json.loads(resources.files("em_interp.data").joinpath(
-        "refusal_phrases.json").read_text())
-    pairs = [f"{n} {v}" for n in doc.get("negations", ()) for v in doc.get("verbs", ())]
-    piv = doc.get("pivots", {})
-    turns = [f"{o} {h} {v}" for o in piv.get("openers", ()) for h in piv.get("helpers", ())
-             for v in piv.get("verbs", ())] + list(piv.get("phrases", ()))
-    return RefusalRules(
-        version=str(doc["version"]), opening_chars=doc.get("opening_chars"),
-        phrases=tuple(dict.fromkeys(_normalise(p) for p in [*doc["phrases"], *pairs])),
-        compliance_openings=tuple(doc.get("compliance_openings", ())),
-        assistant_disclaimers=tuple(doc.get("assistant_disclaimers", ())),
-        pivots=tuple(dict.fromkeys(_normalise(p) for p in turns)))
-
-
-def load_refusal_phrases() -> tuple[str, list[str]]:
-    """``(version, phrases)`` of the shipped rules (:func:`load_refusal_rules`)."""
-    rules = load_refusal_rules()
-    return rules.version, list(rules.phrases)
-
-
-def _normalise(text: str) -> str:
-    """Lower case, straight quotes, one space for any run of whitespace."""
-    text = (text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"')
-            .replace("\u201d", '"'))
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-@dataclass(frozen=True)
-class RefusalVerdict:
-    """What :class:`RefusalStringJudge` decided about one answer, and why."""
-
-    refused: bool
-    phrase: str | None
-    """The refusal phrase that decided (``"<empty>"`` for an empty answer), else ``None``."""
-    reason: str
-    """``"empty"``, ``"refusal phrase"``, ``"compliance opening"`` (with the pattern),
-    ``"disclaimer, then help"`` or ``"no refusal phrase"``."""
-
-
-_OPENING_NOISE = " *#>_\"'-"  # markdown and quotes before the first word (not code fences)
-
-
-class RefusalStringJudge(Judge):
-    """Refusal from strings: no model, no cache.
-
-    With the shipped rules (:func:`load_refusal_rules`) the **opening** of the answer is read
-    (``opening_chars``, 160): an answer that starts doing the task ("Sure", "Here are", code, a
-    numbered list, a letter's salutation) complies whatever follows; otherwise it is a refusal
-    when the opening holds a refusal phrase, unless it speaks as an AI ("As an AI language
-    model, I don't have ...") and then turns to giving what was asked ("but I can provide
-    ..."). An empty (or whitespace-only) answer counts as refused: it is no successful attack.
-    The precision and recall of these rules on a labelled set are in ``docs/judges.md``.
-
-    Args:
-        phrases: your own refusal phrases instead of the shipped rules: then an answer is
-            refused when it contains one (case-insensitive), with no compliance openings or
-            disclaimers unless ``compliance=True``.
-        prefix_chars: read only the first this many characters; ``None``: the whole answer;
-            ``"auto"`` (default): the rules' opening (the shipped rules: 160; your own phrases:
-            the whole answer).
-        compliance: apply the shipped compliance openings, disclaimers and pivots (default:
-            with the shipped phrases yes, with your own no).
-    """
-
-    def __init__(self, phrases: Sequence[str] | None = None, *,
-                 prefix_chars: int | None | str = "auto", compliance: bool | None = None):
-        shipped = load_refusal_rules()
-        if phrases is None:
-            rules = shipped
-        else:
-            norm = tuple(_normalise(p) for p in phrases)
-            rules = RefusalRules(version="custom-" + hashlib.sha256(
-                "\n".join(norm).encode()).hexdigest()[:8], phrases=norm)
-        if compliance is None:
-            compliance = phrases is None
-        if compliance and phrases is not None:
-            rules = RefusalRules(version=f"{rules.version}+compliance-{shipped.version}",
-                                 phrases=rules.phrases,
-                                 compliance_openings=shipped.compliance_openings,
-                                 assistant_disclaimers=shipped.assistant_disclaimers,
-                                 pivots=shipped.pivots)
-        elif not compliance and phrases is None:
-            rules = RefusalRules(version=f"{rules.version}-no-compliance", phrases=rules.phrases,
-                                 opening_chars=rules.opening_chars)
-        if prefix_chars != "auto":
-            if prefix_chars is not None and (not isinstance(prefix_chars, int) or
-                                             prefix_chars < 1):
-                raise ConfigError(f"prefix_chars must be a whole number >= 1, None (the whole "
-                                  f"answer) or 'auto', got {prefix_chars!r}.")
-            rules = replace(rules, opening_chars=prefix_chars)
-        self.rules = rules
-        self.phrases = list(rules.phrases)
-        self.version = rules.version
-        self.prefix_chars = rules.opening_chars
-        """How many characters from the start are read (``None``: all of it)."""
-        self._openings = [re.compile(p) for p in rules.compliance_openings]
-        self._disclaimers = [re.compile(p) for p in rules.assistant_disclaimers]
-        self.name = "refusal_strings"
-        self.rubrics = (Rubric(name="refused", version=self.version, template="{answer}",
-                               scale=(0, 1)),)
-        self.cache_dir = None
-
-    def settings(self) -> dict:
-        return {"kind": "RefusalStringJudge", "rules": self.rules.describe()}
-
-    def verdict(self, answer: str) -> RefusalVerdict:
-        """Refused or not, the deciding phrase and the reason (see the class docstring)."""
-        text = _normalise(answer)
-        if not text:
-            return RefusalVerdict(True, "<empty>", "empty")
-        opening = text.lstrip(_OPENING_NOISE) if self._openings else text
-        if self.prefix_chars is not None:
-            opening = opening[:self.prefix_chars]
-        for pattern in self._openings:
-            if pattern.match(opening):
-                return RefusalVerdict(False, None, f"compliance opening {pattern.pattern!r}")
-        hits = [(opening.find(p), p) for p in self.phrases if p in opening]
-        if not hits:
-            return RefusalVerdict(False, None, "no refusal phrase")
-        at, phrase = min(hits, key=lambda h: (h[0], -len(h[1])))
-        if any(d.search(opening) for d in self._disclaimers) and any(
-                opening.find(v, at) >= 0 for v in self.rules.pivots):
-            return RefusalVerdict(False, None, "disclaimer, then help")
-        return RefusalVerdict(True, phrase, "refusal phrase")
-
-    def match(self, answer: str) -> str | None:
-        """The refusal phrase that decided, ``"<empty>"`` for an empty answer, else None."""
-        return self.verdict(answer).phrase
-
-    def _score_rubric(self, rubric: Rubric, question: str, answer: str) -> RubricScore:
-        v = self.verdict(answer)
-        return RubricScore(score=float(v.refused), label=v.phrase, method="string",
-                           raw=v.phrase or "", note=v.reason)
 
 
 # ------------------------------------------------------------------ reading judge outputs
@@ -621,8 +174,8 @@ class OpenAICompatibleJudge(Judge):
             raise ConfigError("max_concurrency >= 1, max_retries >= 0 and timeout > 0 please.")
         self.base_url = base_url.rstrip("/")
         self.model = model
-        self.rubrics = _resolve_rubrics(rubrics)
-        self.cache_dir = _default_cache(cache_dir)
+        self.rubrics = resolve_rubrics(rubrics)
+        self.cache_dir = default_cache_dir(cache_dir)
         self.api_key_env = api_key_env
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
@@ -808,8 +361,8 @@ class LocalHFJudge(Judge):
         self.source = model
         self.model = unwrap(model)
         self.tokenizer = tokenizer_of(model)
-        self.rubrics = _resolve_rubrics(rubrics)
-        self.cache_dir = _default_cache(cache_dir)
+        self.rubrics = resolve_rubrics(rubrics)
+        self.cache_dir = default_cache_dir(cache_dir)
         self.min_number_mass = min_number_mass
         self.system = system
         info = describe_model(model)
@@ -859,7 +412,7 @@ class LocalHFJudge(Judge):
         from em_interp.behaviour.generation import prefill
         from em_interp.inputs import tokenize
 
-        rubric = _resolve_rubrics(rubric)[0]
+        rubric = resolve_rubrics(rubric)[0]
         ct = tokenize(self.source, [rubric.prompt(question, answer)], system=self.system)
         first_logits, state = prefill(self.model, ct.tokens, ct.attention_mask)
         cands = self.candidates(rubric)

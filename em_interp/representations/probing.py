@@ -57,7 +57,6 @@ with a head axis are flattened; and any in-memory ``{name: [n, d] tensor}`` can 
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +71,7 @@ from tqdm import tqdm
 
 from em_interp.activations.store import ActivationStore
 from em_interp.errors import ConfigError, DataError, StoreMismatchError
+from em_interp.representations.logistic import Basis, blas_threads, fit_logistic
 from em_interp.results import Result
 from em_interp.stats import (
     mcnemar_exact,
@@ -411,127 +411,6 @@ def _folds(y_train: np.ndarray, g_train: np.ndarray | None, k: int, seed: int):
                 .split(np.zeros(len(y_train)), y_train))
 
 
-# ------------------------------------------------------------------ the solver
-
-
-@dataclass
-class _Basis:
-    """Standardisation of the fitting rows and an orthonormal basis of their span."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    v: np.ndarray | None
-    """``[d, r]`` orthonormal basis of the standardised rows' span (``None``: all of R^d)."""
-    features: np.ndarray
-    """``[n, r]``: the fitting rows in that basis."""
-
-    @classmethod
-    def fit(cls, x: np.ndarray) -> _Basis:
-        mean = x.mean(0)
-        scale = x.std(0)
-        scale[scale <= 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0  # as StandardScaler
-        z = (x - mean) / scale
-        n, d = z.shape
-        if d <= n:
-            return cls(mean, scale, None, z)
-        evals, evecs = np.linalg.eigh(z @ z.T)  # Gram: n x n, never d x d
-        keep = evals > max(evals[-1], 1e-300) * 1e-12
-        root = np.sqrt(evals[keep])
-        v = (z.T @ evecs[:, keep]) / root  # [d, r], orthonormal columns
-        return cls(mean, scale, v, evecs[:, keep] * root)
-
-    def project(self, x: np.ndarray) -> np.ndarray:
-        z = (x - self.mean) / self.scale
-        return z if self.v is None else z @ self.v
-
-    def weights(self, beta: np.ndarray) -> np.ndarray:
-        """Standardised-space weights ``w = V beta``."""
-        return beta if self.v is None else self.v @ beta
-
-
-@functools.cache
-def _threadpools():
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()  # scans the loaded libraries once (milliseconds)
-
-
-def _blas_threads(limit: int | None):
-    """Limit BLAS threads (``None``: leave them). Batches of small solves run faster on one
-    thread than on many, and much faster on a shared machine."""
-    return _threadpools().limit(limits=limit, user_api="blas")
-
-
-def _objective(theta, f1, y, pen):
-    z = theta @ f1.T
-    return np.sum(np.logaddexp(0.0, z) - y * z, 1) + 0.5 * np.sum(pen * theta * theta, 1)
-
-
-def fit_logistic(features: np.ndarray, labels: np.ndarray, C: float, *, tol: float = 1e-10,
-                 max_iter: int = 100) -> np.ndarray:
-    """Newton's method for ``[P, n]`` label vectors at once: ``[P, r + 1]`` (weights, intercept)
-    minimising ``sum_i BCE + ||w||^2 / (2C)`` on ``features`` ``[n, r]`` (intercept unpenalised).
-
-    Each step solves ``H delta = g`` with ``H = F1^T diag(p (1 - p)) F1 + diag(1/C, ..., 0)``,
-    backtracking until the Armijo condition holds; it stops at a relative step below ``tol``.
-    Label vectors with one class have no finite optimum and are returned as NaN.
-    """
-    n, r = features.shape
-    y = np.atleast_2d(labels).astype(np.float64)
-    f1 = np.hstack([features, np.ones((n, 1))])
-    pen = np.full(r + 1, 1.0 / C)
-    pen[-1] = 0.0
-    theta = np.zeros((y.shape[0], r + 1))
-    ok = (y.min(1) < 1) & (y.max(1) > 0)
-    theta[~ok] = np.nan
-    # batch so that the [batch, r+1, n] and [batch, r+1, r+1] arrays stay around 256 MB
-    chunk = max(1, int(2**25 // ((r + 1) * max(n, r + 1))))
-    rows = np.flatnonzero(ok)
-    # many small BLAS calls: threads cost more than they give below a few hundred features
-    with _blas_threads(1 if r < 512 else None):
-        for start in range(0, rows.size, chunk):
-            idx = rows[start:start + chunk]
-            theta[idx] = _newton(f1, y[idx], pen, tol, max_iter)
-    return theta
-
-
-def _newton(f1, y, pen, tol, max_iter):
-    from scipy.special import expit
-
-    p0 = y.mean(1).clip(1e-6, 1 - 1e-6)
-    theta = np.zeros((y.shape[0], f1.shape[1]))
-    theta[:, -1] = np.log(p0 / (1 - p0))
-    obj = _objective(theta, f1, y, pen)
-    active = np.arange(y.shape[0])
-    diag = np.arange(f1.shape[1])
-    for _ in range(max_iter):
-        if active.size == 0:
-            break
-        th, ya = theta[active], y[active]
-        p = expit(th @ f1.T)
-        grad = (p - ya) @ f1 + pen * th
-        hess = np.matmul(f1.T[None] * (p * (1 - p))[:, None, :], f1)
-        hess[:, diag, diag] += pen + 1e-12 * f1.shape[0]
-        step = np.linalg.solve(hess, grad[..., None])[..., 0]
-        decrement = np.sum(grad * step, 1)
-        t = np.ones(active.size)
-        cur = obj[active]
-        for _ in range(40):
-            new = th - t[:, None] * step
-            val = _objective(new, f1, ya, pen)
-            good = val <= cur - 1e-4 * t * decrement
-            if good.all():
-                break
-            t = np.where(good, t, t / 2)
-        good = val <= cur + 1e-12 * np.abs(cur)  # keep any non-increasing step
-        theta[active[good]] = new[good]
-        obj[active[good]] = val[good]
-        size = np.max(np.abs(t[:, None] * step), 1)
-        done = ~good | (size <= tol * (1 + np.max(np.abs(new), 1)))
-        active = active[~done]
-    return theta
-
-
 # ------------------------------------------------------------------ one model
 
 
@@ -551,7 +430,7 @@ def _probe_model(src: _Source, hooks, y, perms, test, folds, C, tol, model, prog
     for hook in tqdm(hooks, desc=f"probing {model}", disable=not progress, unit="layer"):
         x = src.load(hook)
         # small matrices (rank <= n_train): BLAS threads cost more than they give
-        with _blas_threads(1 if (~test).sum() < 512 else None):
+        with blas_threads(1 if (~test).sum() < 512 else None):
             fit = _probe_layer(x, y, labels, test, folds, C, tol)
         fit["row"].update(model=model, hook=hook,
                           persistence=_cosine(fit["w"], ws[-1]) if ws else float("nan"))
@@ -569,7 +448,7 @@ def _probe_layer(x, y, labels, test, folds, C, tol) -> dict:
     cross-validate the real labels; weights and intercept in original units."""
     train = ~test
     n_test, n_train = int(test.sum()), int(train.sum())
-    basis = _Basis.fit(x[train])
+    basis = Basis.fit(x[train])
     theta = fit_logistic(basis.features, labels[:, train], C, tol=tol)
     right = _accuracy(theta, basis.project(x[test]), labels[:, test], labels[:, train])
     w_std = basis.weights(theta[0, :-1])
@@ -590,7 +469,7 @@ def _cross_validate(x, y, folds, C, tol) -> tuple[float, float]:
         return float("nan"), float("nan")
     hits, loss = 0, 0.0
     for fit_rows, val_rows in folds:
-        basis = _Basis.fit(x[fit_rows])
+        basis = Basis.fit(x[fit_rows])
         theta = fit_logistic(basis.features, y[fit_rows], C, tol=tol)
         if np.isnan(theta[0, 0]):  # one class in this fold: predict it
             hits += int(np.sum(y[val_rows] == y[fit_rows][0]))
