@@ -83,7 +83,8 @@ def _hash(obj) -> str:
 def toolkit_version() -> dict:
     """The em-interp version and the shipped data's versions, part of every stage's hash.
 
-    ``{"em_interp": __version__, "prompt_sets": {name: header version}, "data_sha256": ...}``;
+    ``{"em_interp": __version__, "prompt_sets": {name: header version}, "data_sha256": ...,
+    "judge_version": ...}`` (the judges' verdict code, so cached ASR verdicts follow it);
     the content hash covers every shipped data file (prompt sets, refusal phrases, rubrics), so
     an edited set recomputes the stages even when its version was not bumped.
     """
@@ -106,8 +107,10 @@ def toolkit_version() -> dict:
             except (ValueError, AttributeError):
                 meta = {}
             sets[entry.name[: -len(".jsonl")]] = meta.get("version")
+    from em_interp.behaviour.judge_base import JUDGE_VERSION
+
     return {"em_interp": em_interp.__version__, "prompt_sets": sets,
-            "data_sha256": digest.hexdigest()[:16]}
+            "data_sha256": digest.hexdigest()[:16], "judge_version": JUDGE_VERSION}
 
 
 def _versions(toolkit: dict) -> dict:
