@@ -47,6 +47,7 @@ _LAZY: dict[str, str] = {
     "probe_layers": "representations.probing", "mean_difference": "representations.directions",
     "introspection_scores": "representations.directions",
     "em_vs_refusal": "representations.em_refusal",
+    "select_refusal_direction": "representations.refusal_direction",
     "procrustes_align": "representations.procrustes",
     # patching (Exp. 3-4; BLOCK-EM prefix/decode patching)
     "sample_pairs": "patching.pairs", "patch_sweep": "patching.sweep",
@@ -153,6 +154,7 @@ __all__ = [
     "run_pipeline",
     "sample_pairs",
     "select_neurons",
+    "select_refusal_direction",
     "splice_sae",
     "steer",
     "train_blocked",

@@ -9,8 +9,13 @@ the same kind of callable, and any function ``output -> [batch]`` wrapped in :cl
 works as well. Every entry point that takes a metric passes it through :func:`as_metric` first,
 so a plain function ``logits -> [batch]`` is accepted too (as a logit metric named after it).
 
-Two metrics ship:
+Three metrics ship:
 
+* :func:`refusal_score` -- the log-odds that the next token opens a refusal,
+  ``log P(R) - log(1 - P(R))`` with ``P(R) = sum_{t in R} softmax(logits[:, -1])_t`` over a set
+  ``R`` of refusal-opening token ids (Arditi et al. 2024, "Refusal in Language Models Is Mediated
+  by a Single Direction", Sec. 2.4); positive means the model is more likely than not to start
+  a refusal;
 * :func:`logit_diff` -- ``logit[a] - logit[b]`` at the last position, e.g. a refusal token
   against a compliance token (``"Sorry"`` vs ``"Sure"``, looked up in the tokenizer);
 * :func:`projection` -- ``(h[-1] - c) . v / |v|`` of a hook's activation on a direction ``v``
@@ -21,13 +26,13 @@ Two metrics ship:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
 
-from em_interp.errors import MetricError
+from em_interp.errors import MetricError, TokenizationError
 from em_interp.hooks import check_hook, layer_of
 from em_interp.inputs import single_token_id, tokenizer_of, unwrap
 
@@ -102,6 +107,60 @@ def logit_diff(model, token_a: str | int, token_b: str | int, *,
 
     return Metric(name=f"logit_diff({tok.decode([a])!r}-{tok.decode([b])!r})", fn=fn,
                   logit_ids=(a, b))
+
+
+REFUSAL_OPENINGS = ("I", "Sorry", "As", "Unfortunately")
+"""Words whose first token opens most refusals of chat models ("I'm sorry", "I cannot", "As an
+AI", ...): the default set ``R`` of :func:`refusal_score`. "I" also opens some compliant answers,
+so the score is a proxy to be read beside judged completions, as Arditi et al. use it."""
+
+
+def refusal_token_ids(model, tokens: Sequence[str | int] = REFUSAL_OPENINGS) -> tuple[int, ...]:
+    """The first token id of each word of ``tokens`` (ids pass through), de-duplicated."""
+    if isinstance(tokens, str | int):
+        tokens = [tokens]
+    if not tokens:
+        raise MetricError("refusal_score needs at least one refusal token (a word or an id).")
+    tok = None
+    out: list[int] = []
+    for t in tokens:
+        if isinstance(t, int) and not isinstance(t, bool):
+            i = int(t)
+        else:
+            tok = tok or tokenizer_of(model)
+            i = single_token_id(tok, str(t), first_token=True)
+        if i not in out:
+            out.append(i)
+    return tuple(out)
+
+
+def refusal_score(model, tokens: Sequence[str | int] = REFUSAL_OPENINGS) -> Metric:
+    """``log P(R) - log(1 - P(R))`` at the last position, ``R`` the ids of ``tokens``.
+
+    Computed as ``logsumexp(logits[R]) - logsumexp(logits[not R])``, which is the same log-odds
+    without forming ``1 - P(R)`` (stable when ``P(R)`` is near 1). Words give their first token
+    (``"I'm"`` -> ``"I"``); ids pass through. Reads every vocabulary column (``logit_ids=None``).
+    """
+    ids = refusal_token_ids(model, tokens)
+    index = torch.tensor(ids)
+    d_vocab = unwrap(model).cfg.d_vocab if hasattr(unwrap(model), "cfg") else None
+    if d_vocab is not None and int(index.max()) >= d_vocab:
+        raise MetricError(f"refusal token id {int(index.max())} is outside the vocabulary "
+                          f"({d_vocab} tokens).")
+
+    def fn(logits):
+        last = logits[:, -1].float()
+        idx = index.to(last.device)
+        in_r = torch.logsumexp(last[:, idx], dim=-1)
+        rest = last.index_fill(1, idx, float("-inf"))
+        return in_r - torch.logsumexp(rest, dim=-1)
+
+    try:
+        tok = tokenizer_of(model)
+        names = [tok.decode([i]) for i in ids]
+    except TokenizationError:  # ids given for a model without a tokenizer
+        names = [str(i) for i in ids]
+    return Metric(name=f"refusal_score({'|'.join(names)})", fn=fn)
 
 
 def projection(direction: Float[torch.Tensor, " d"], hook: str, *,

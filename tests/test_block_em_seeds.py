@@ -149,3 +149,17 @@ def test_config_seeds_and_lambdas_are_checked():
             RunConfig.from_dict({**base, "block_em": bad})
     with pytest.raises(ConfigError, match="eval_tokens"):
         RunConfig.from_dict({**base, "sae": {"eval_tokens": 0}})
+
+
+def test_recommended_lambda_weighs_reduction_against_incoherence():
+    # incoherence = 0.1 * lambda in runs(): lambda 0.3 costs 3 points, lambda 1 costs 10
+    base = 0.0
+    m0 = [0.50, 0.52, 0.51]
+    strong, medium = [0.10, 0.11, 0.12], [0.30, 0.31, 0.29]
+    res = shift_reduction(runs({0.0: m0, 0.3: medium, 1.0: strong}), base)
+    assert res.row(1.0)["significant"] and res.row(0.3)["significant"]
+    assert res.recommended() == 0.3  # lambda 1 reduces more but is 10 points less coherent
+    assert res.recommended(max_incoherence_increase=0.2) == 1.0
+    assert res.to_dict()["recommended_lambda"] == 0.3
+    flat = shift_reduction(runs({0.0: m0, 1.0: [0.49, 0.53, 0.50]}), base)
+    assert flat.recommended() is None  # nothing significant: no recommendation

@@ -9,9 +9,11 @@ import sys
 import time
 
 import pytest
+import torch
 
 from em_interp.cli import main
 from em_interp.errors import ConfigError, UnknownCardError
+from em_interp.results import load_result
 from em_interp.run.config import STAGE_NAMES, RunConfig, list_configs
 from em_interp.run.pipeline import run_pipeline
 from em_interp.run.stages import STAGES
@@ -20,6 +22,8 @@ TINY = {
     "run": {"card": "tiny-random-llama", "stages": list(STAGES), "batch_size": 8,
             "max_prompt_chars": 150},
     "probing": {"n_prompts": 32},
+    "refusal_direction": {"n_validation": 8, "n_test": 4, "max_new_tokens": 4,
+                          "layers": [1, 2]},
     "introspection": {"n_prompts": 32, "n_null": 20},
     "patching": {"k_pairs": 2, "head_layers": 1},
     "dla": {"n_prompts": 4, "tokens": ["No", "Yes"]},
@@ -85,7 +89,7 @@ def test_run_writes_every_stage_report_and_manifest(tiny_run):
     assert manifest["caveat"].split(" ")[0] in report
 
 
-SELECTING = ("probing", "introspection", "patching", "dla", "asr")
+SELECTING = ("probing", "refusal_direction", "introspection", "patching", "dla", "asr")
 """Stages that choose something (a layer, head layers, heads, a direction) on some prompts."""
 
 
@@ -106,6 +110,23 @@ def test_selecting_stages_record_disjoint_fit_and_evaluated_prompts(tiny_run):
     assert set(saved["dla"]["prompts"]["fit"]) <= set(saved["asr"]["prompts"]["fit"])
     assert saved["patching"]["split"]["n_fit"] == saved["patching"]["split"]["n_eval"] == 2
     assert saved["probing"]["prompts"]["n_fit"] == saved["probing"]["n_train"]
+    # refusal_direction: fit, validation and test disjoint; its direction is the one the
+    # introspection and asr stages use
+    rd = saved["refusal_direction"]
+    assert rd["n_fit"] + rd["n_validation"] == rd["prompts"]["n_fit"]
+    assert rd["n_test_harmful"] == rd["n_test_harmless"] == 4
+    assert rd["layer"] in (1, 2) and rd["n_candidates"] == 2
+    sel = load_result(out / "stages" / "refusal_direction" / "results" / "selection")
+    assert set(sel.fit_ids).isdisjoint(sel.validation_ids)
+    assert set(sel.fit_ids) | set(sel.validation_ids) <= set(saved["asr"]["prompts"]["fit"])
+    assert saved["asr"]["direction_layer"] == rd["layer"]
+    asr = load_result(out / "stages" / "asr" / "results" / "asr")
+    used = next(v for k, v in asr.intervention_state.items()
+                if k.startswith("refusal direction") and "control" not in k)
+    assert abs(torch.nn.functional.cosine_similarity(used, sel.direction.vector, dim=0)) > 0.9999
+    intro = saved["introspection"]["refusal_direction"]
+    assert intro["layer"] == rd["layer"] and intro["same_direction_cosine"] > 0.9999
+    assert 0 <= intro["em_cosine_p_shuffled"] <= 1
     conditions = saved["asr"]["conditions"]
     assert any(c.startswith("refusal direction") for c in conditions)
     assert sum(" · control " in c for c in conditions) == 2 * 2  # 2 random + 2 orthogonal

@@ -66,7 +66,7 @@ def test_dir_lists_the_api_and_the_family_packages_for_tab_completion():
 
 def test_one_entry_point_per_technique_is_public():
     for name in ("load", "load_pair", "probe_layers", "mean_difference", "introspection_scores",
-                 "em_vs_refusal", "procrustes_align", "patch_sweep", "patch_heads",
+                 "em_vs_refusal", "select_refusal_direction", "procrustes_align", "patch_sweep", "patch_heads",
                  "patch_neurons", "prefix_patch", "decode_patch", "ablate_heads",
                  "ablate_direction", "steer", "generate", "attack_success_rate", "ab_metric",
                  "logit_lens", "direct_logit_attribution", "train_lora", "train_sae",
@@ -82,7 +82,7 @@ def test_docs_api_page_lists_every_public_name():
     assert not missing, f"docs/api.md does not list: {missing}"
 
 
-TECHNIQUE_PAGES = ("activations", "probing", "directions", "patching", "interventions",
+TECHNIQUE_PAGES = ("activations", "probing", "directions", "refusal-direction", "patching", "interventions",
                    "generation", "asr", "logit-lens", "attribution", "saes", "training",
                    "block-em", "prompt-sets", "judges")
 

@@ -44,3 +44,48 @@ def test_qwen_coder_leading_bos_is_not_masked():
     with torch.no_grad():
         diff = (lm.model(toks) - hf(toks).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+@pytest.mark.slow
+def test_qwen_coder_refusal_direction_mediates_refusal():
+    """Arditi et al.'s recipe on a model that refuses: the direction chosen on validation
+    prompts, ablated at every write, lowers the refusal score of held-out harmful prompts by
+    more than same-norm controls do, and added to harmless prompts raises it."""
+    from em_interp.behaviour.controls import control_directions
+    from em_interp.behaviour.interventions import ablate_direction, steer
+    from em_interp.data import load_prompt_set
+    from em_interp.metrics import refusal_score
+    from em_interp.representations.refusal_direction import select_refusal_direction
+
+    lm = em_interp.load("qwen2.5-coder-0.5b-instruct", progress=False)
+    ps = load_prompt_set("harmful")
+    train = ps.train()
+    val = train.sample(24, seed=0)
+    held = set(val.ids)
+    fit = train.subset([i for i, pid in enumerate(train.ids) if pid not in held])
+    sel = select_refusal_direction(lm, fit, val, layers=[12, 14, 16, 18], batch_size=16,
+                                   progress=False)
+    metric = refusal_score(lm)
+    harmful = list(ps.test().where(1).prompts)[:16]
+    harmless = list(ps.test().where(0).prompts)[:16]
+
+    def mean_score(prompts, iv=None):
+        ct = lm.chat_tokens(prompts)
+        with torch.no_grad():
+            if iv is None:
+                return float(metric(lm.model(ct.tokens, attention_mask=ct.attention_mask)).mean())
+            with iv.applied():
+                return float(metric(lm.model(ct.tokens, attention_mask=ct.attention_mask)).mean())
+
+    base = mean_score(harmful)
+    ablated = mean_score(harmful, ablate_direction(lm, sel.direction.vector))
+    controls = [mean_score(harmful, ablate_direction(lm, v)) for v in control_directions(
+        sel.direction.vector, n=2, seed=0).values()]
+    print(f"qwen refusal direction: layer {sel.layer}; harmful score {base:+.2f} -> "
+          f"{ablated:+.2f} ablated; controls {[round(c, 2) for c in controls]}")
+    # measured: -1.5 -> -4.0 on the validation prompts (layer 18 of 12-18); Arditi et al.'s
+    # filters (induce > 0, KL < 0.1) are not all met by any layer of this 0.5B model
+    assert base - ablated > 1.5
+    assert all(abs(base - c) < (base - ablated) / 3 for c in controls)
+    added = mean_score(harmless, steer(lm, sel.direction.hook, sel.direction.vector, 1.0))
+    assert added > mean_score(harmless) + 0.5

@@ -135,6 +135,24 @@ class ShiftReduction(Result):
             raise DataError(f"no lambda {lam} in this result ({self.per_lambda['lam'].tolist()}).")
         return hit.iloc[0].to_dict()
 
+    def recommended(self, max_incoherence_increase: float = 0.05) -> float | None:
+        """The lambda this run recommends: of the lambdas > 0 that reduce the shift
+        significantly (Holm) and raise the incoherence rate by at most
+        ``max_incoherence_increase`` over the unblocked fine-tune (where it was measured), the
+        one with the largest mean reduction; ``None`` when none qualifies (the paper's two axes:
+        the misalignment removed against the capability it costs)."""
+        rows = self.per_lambda[(self.per_lambda["lam"] > 0)
+                               & self.per_lambda["significant"].fillna(False).astype(bool)]
+        if "incoherence" in rows.columns:
+            zero = self.per_lambda.loc[np.isclose(self.per_lambda["lam"], 0.0), "incoherence"]
+            z = float(zero.iloc[0]) if len(zero) else math.nan
+            if not math.isnan(z):
+                inc = rows["incoherence"].astype(float)
+                rows = rows[inc.isna() | (inc <= z + max_incoherence_increase)]
+        if rows.empty:
+            return None
+        return float(rows.loc[rows["reduction"].astype(float).idxmax(), "lam"])
+
     def to_dict(self) -> dict:
         from em_interp.results import json_safe
 
@@ -142,6 +160,7 @@ class ShiftReduction(Result):
         return json_safe({"base_margin": self.base_margin, "organism_margin": self.organism_margin,
                           "confidence": self.confidence, "alpha": self.alpha,
                           "any_significant": self.any_significant,
+                          "recommended_lambda": self.recommended(),
                           "per_lambda": self.per_lambda[cols].to_dict("records")})
 
     def table(self) -> pd.DataFrame:

@@ -16,7 +16,8 @@ JSON naming the model, the hook and the prompt sets it came from.
 
 **Introspection scores** (:func:`introspection_scores`, Experiment 2):
 
-1. the base model's refusal vector ``v = E[h_base | risky] - E[h_base | benign]``;
+1. the base model's refusal vector ``v = E[h_base | risky] - E[h_base | benign]`` (or a given
+   ``vector``, e.g. the harmful-minus-harmless direction Arditi et al.'s recipe chooses);
 2. ``R`` fitted on the **benign** anchors only, ``v_aligned = v R / ||v R||``;
 3. the zero point ``c`` = the organism's benign mean;
 4. every prompt's score ``S(x) = (h_org(x) - c) . v_aligned``.
@@ -314,8 +315,8 @@ class IntrospectionResult(Result):
 
 def introspection_scores(base_acts, organism_acts, labels=None, *, hook: str | None = None,
                          fit_mask=None, complement: Complement = "nearest_identity",
-                         label_names: tuple[str, str] = ("benign", "risky")
-                         ) -> IntrospectionResult:
+                         label_names: tuple[str, str] = ("benign", "risky"),
+                         vector=None) -> IntrospectionResult:
     """Experiment 2 of the Qwen paper: the four steps of the module docstring.
 
     Args:
@@ -330,6 +331,10 @@ def introspection_scores(base_acts, organism_acts, labels=None, *, hook: str | N
         complement: how ``R`` is completed off the benign anchors' span
             (see :func:`procrustes_align`).
         label_names: names of labels 0 and 1 for tables and figures.
+        vector: the base model's refusal vector ``[d]`` at ``hook``, fitted elsewhere (e.g.
+            Arditi et al.'s harmful-minus-harmless direction of the ``refusal_direction`` stage,
+            :func:`~em_interp.representations.refusal_direction.select_refusal_direction`);
+            default: step 1, ``E[h_base | risky] - E[h_base | benign]`` of the fitted prompts.
     """
     from scipy.stats import ks_2samp
 
@@ -357,7 +362,13 @@ def introspection_scores(base_acts, organism_acts, labels=None, *, hook: str | N
                         f"and 2 benign); got {int(risky_fit.sum())} risky, "
                         f"{int(benign_fit.sum())} benign.")
     # 1. the base model's refusal vector
-    v = (mean_rows(hb[risky_fit]) - mean_rows(hb[benign_fit]))
+    if vector is None:
+        v = (mean_rows(hb[risky_fit]) - mean_rows(hb[benign_fit]))
+    else:
+        v = torch.as_tensor(vector).detach().flatten().to(hb.device, torch.float64)
+        if v.shape[0] != hb.shape[1]:
+            raise DataError(f"vector has {v.shape[0]} entries; the activations at {hook} have "
+                            f"{hb.shape[1]}.")
     # 2. rotated into the organism's space with R fitted on benign anchors only
     proc = procrustes_align(hb[benign_fit], ho[benign_fit], complement=complement)
     v_rot = proc.rotate(v.to(proc.left.dtype))

@@ -29,7 +29,8 @@ from typing import Any
 
 from em_interp.errors import ConfigError
 
-STAGE_NAMES = ("probing", "introspection", "patching", "dla", "asr", "sae", "block_em")
+STAGE_NAMES = ("probing", "refusal_direction", "introspection", "patching", "dla", "asr", "sae",
+               "block_em")
 HOOK_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post",
               "mlp_pre")
 """Per-block hook kinds a config may name (the builders of :mod:`em_interp.hooks`)."""
@@ -111,6 +112,40 @@ class JudgeStageConfig:
 
 
 @dataclass
+class RefusalDirectionStageConfig:
+    """Arditi et al.'s refusal direction: candidates per layer on a fit split, one chosen on a
+    validation split, its ablation and addition evaluated on the test split with controls."""
+
+    prompt_set: str = "harmful"
+    """Harmful (1) / harmless (0) prompts with a train and a test split."""
+    model: str = "base"
+    """Whose direction: ``base`` (the refusal the fine-tune may have eroded) or ``organism``."""
+    layers: list[int] | None = None
+    """Candidate layers (``resid_pre``; negatives count from the end); ``None``: from a quarter
+    of the depth up to ``max_layer_fraction`` of it."""
+    n_validation: int = 24
+    """Train-split prompts (stratified by label) held back to choose the layer; the rest of the
+    train split fits the candidates."""
+    n_fit: int = 0
+    """Fit prompts used (stratified); 0: all the rest of the train split."""
+    n_test: int = 0
+    """Test-split prompts of each label generated from; 0: all of them."""
+    refusal_tokens: list[str] = field(default_factory=lambda: ["I", "Sorry", "As",
+                                                               "Unfortunately"])
+    """Words whose first tokens open a refusal: the set of the refusal score."""
+    kl_max: float = 0.1
+    """Largest KL on harmless validation prompts that ablating a candidate may cause."""
+    max_layer_fraction: float = 0.8
+    """Candidates must lie below this fraction of the depth."""
+    scales: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    """Multiples of the direction added to harmless test prompts at the chosen layer."""
+    max_new_tokens: int = 24
+    n_controls: int = 1
+    """Same-norm control directions of each kind (random, orthogonal) per condition (>= 1)."""
+    judge: JudgeStageConfig = field(default_factory=JudgeStageConfig)
+
+
+@dataclass
 class ASRStageConfig:
     """Attack-success rate of harmful requests under zero, mean and random head ablation."""
 
@@ -123,9 +158,10 @@ class ASRStageConfig:
     heads: list[list[int]] | None = None
     """``[[layer, head], ...]`` to ablate; ``None``: the dla stage's most suppressive heads."""
     direction_layer: int | None = None
-    """Block whose ``resid_pre`` defines the refusal direction (the organism's harmful minus
-    harmless mean on the train split), ablated at every layer; negatives count from the end;
-    ``None``: two thirds of the depth."""
+    """Without the refusal_direction stage in the run: the block whose ``resid_pre`` defines the
+    refusal direction (the organism's harmful minus harmless mean on the train split), ablated
+    at every layer; negatives count from the end; ``None``: two thirds of the depth. With that
+    stage in the run, its chosen direction is ablated and this is ignored."""
     n_controls: int = 2
     """Same-norm control directions of each kind (random, orthogonal) ablated beside the
     refusal direction (>= 1)."""
@@ -195,6 +231,9 @@ class BlockEMStageConfig:
     """Fine-tuning steps per lambda and seed."""
     n_examples: int = 0
     """SFT examples used (0: the whole training split)."""
+    n_heldout: int = 0
+    """Held-out SFT conversations (test split) whose answer NLL measures the cost of blocking
+    (0: all of them)."""
 
     def __post_init__(self):
         seeds = self.seeds
@@ -216,9 +255,11 @@ class BlockEMStageConfig:
                               "lambda > 0, e.g. [0.0, 1.0].")
 
 
-_SECTIONS: dict[str, type] = {"probing": ProbingStageConfig, "introspection": IntrospectionStageConfig,
-                              "patching": PatchingStageConfig, "dla": DLAStageConfig, "asr": ASRStageConfig,
-                              "sae": SAEStageConfig, "block_em": BlockEMStageConfig}
+_SECTIONS: dict[str, type] = {
+    "probing": ProbingStageConfig, "refusal_direction": RefusalDirectionStageConfig,
+    "introspection": IntrospectionStageConfig, "patching": PatchingStageConfig,
+    "dla": DLAStageConfig, "asr": ASRStageConfig, "sae": SAEStageConfig,
+    "block_em": BlockEMStageConfig}
 
 
 @dataclass
@@ -238,6 +279,8 @@ class RunConfig:
     max_prompt_chars: int | None = None
     """Drop longer prompts (for small-context test models); ``None``: keep all."""
     probing: ProbingStageConfig = field(default_factory=ProbingStageConfig)
+    refusal_direction: RefusalDirectionStageConfig = field(
+        default_factory=RefusalDirectionStageConfig)
     introspection: IntrospectionStageConfig = field(default_factory=IntrospectionStageConfig)
     patching: PatchingStageConfig = field(default_factory=PatchingStageConfig)
     dla: DLAStageConfig = field(default_factory=DLAStageConfig)
@@ -306,13 +349,32 @@ class RunConfig:
                 if isinstance(v, int) and not isinstance(v, bool) and f.name.startswith(
                         ("n_", "k_", "max_", "expansion", "training_", "head_")) and v < 0:
                     raise ConfigError(f"{self.source}: [{sec_name}].{f.name} = {v} must be >= 0.")
-        if self.asr.judge.kind not in JUDGE_KINDS:
-            raise ConfigError(f"{self.source}: [asr.judge].kind = {self.asr.judge.kind!r}; use "
-                              f"one of {', '.join(JUDGE_KINDS)}.")
-        if self.asr.judge.kind == "openai" and not (self.asr.judge.model
-                                                     and self.asr.judge.base_url):
-            raise ConfigError(f"{self.source}: [asr.judge] kind 'openai' needs model and "
-                              "base_url (the key is read from the variable named by api_key_env).")
+        for sec in ("asr", "refusal_direction"):
+            judge = getattr(self, sec).judge
+            if judge.kind not in JUDGE_KINDS:
+                raise ConfigError(f"{self.source}: [{sec}.judge].kind = {judge.kind!r}; use "
+                                  f"one of {', '.join(JUDGE_KINDS)}.")
+            if judge.kind == "openai" and not (judge.model and judge.base_url):
+                raise ConfigError(f"{self.source}: [{sec}.judge] kind 'openai' needs model and "
+                                  "base_url (the key is read from the variable named by "
+                                  "api_key_env).")
+        rd = self.refusal_direction
+        if rd.model not in ("base", "organism"):
+            raise ConfigError(f"{self.source}: [refusal_direction].model = {rd.model!r}; use "
+                              "'base' or 'organism'.")
+        if rd.n_controls < 1:
+            raise ConfigError(f"{self.source}: [refusal_direction].n_controls = "
+                              f"{rd.n_controls} must be >= 1: the direction is read against its "
+                              "same-norm controls.")
+        if not rd.scales or any(not isinstance(x, int | float) or x <= 0 for x in rd.scales):
+            raise ConfigError(f"{self.source}: [refusal_direction].scales = {rd.scales!r} must "
+                              "be positive multiples of the direction, e.g. [1.0, 2.0].")
+        if not rd.refusal_tokens:
+            raise ConfigError(f"{self.source}: [refusal_direction].refusal_tokens is empty; "
+                              "give the words that open a refusal, e.g. [\"I\", \"Sorry\"].")
+        if not 0 < rd.max_layer_fraction <= 1 or rd.kl_max <= 0:
+            raise ConfigError(f"{self.source}: [refusal_direction] needs 0 < max_layer_fraction "
+                              f"<= 1 and kl_max > 0 (got {rd.max_layer_fraction}, {rd.kl_max}).")
         if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"{self.source}: [run].dtype = {self.dtype!r}; use float32, "
                               "bfloat16 or float16.")
@@ -353,6 +415,8 @@ class RunConfig:
             value = getattr(getattr(self, sec), key)
             for layer in ([] if value is None else value if isinstance(value, list) else [value]):
                 _check_layer(layer, n, f"[{sec}].{key}", card.name, self.source)
+        for layer in self.refusal_direction.layers or []:
+            _check_layer(layer, n, "[refusal_direction].layers", card.name, self.source)
         if self.asr.direction_layer is not None:
             _check_layer(self.asr.direction_layer, n, "[asr].direction_layer", card.name,
                          self.source)
@@ -362,7 +426,8 @@ class RunConfig:
                 raise ConfigError(f"{self.source}: [asr].heads names head {head} of layer "
                                   f"{layer}; card {card.name!r} has heads "
                                   f"0..{card.architecture.n_heads - 1}.")
-        for sec, key in (("probing", "prompt_set"), ("introspection", "prompt_set"),
+        for sec, key in (("probing", "prompt_set"), ("refusal_direction", "prompt_set"),
+                         ("introspection", "prompt_set"),
                          ("introspection", "refusal_set"), ("patching", "prompt_set"),
                          ("dla", "prompt_set"), ("asr", "prompt_set"), ("sae", "prompt_set")):
             _check_prompt_set(getattr(getattr(self, sec), key), f"[{sec}].{key}", self.source)
@@ -373,6 +438,8 @@ class RunConfig:
         for stage in ("dla", "asr"):
             if stage in self.stages:
                 self._check_split_labels(stage)
+        if "refusal_direction" in self.stages:
+            self._check_refusal_splits()
         src = self.sae.source
         if src != "train" and not Path(src).expanduser().exists() and (
                 src.startswith(("/", ".", "~")) or src.count("/") != 1):
@@ -465,6 +532,16 @@ class RunConfig:
                     + f"; the stage {use} them. Use a set with a train and a test split of both "
                     "labels (e.g. 'harmful').")
 
+    def _check_refusal_splits(self) -> None:
+        """The refusal_direction stage cuts its train split into fit and validation prompts and
+        evaluates on the test split: each part must hold both labels."""
+        from em_interp.run.stages.refusal import refusal_splits
+
+        try:
+            refusal_splits(self)
+        except ConfigError as e:
+            raise ConfigError(f"{self.source}: {e}") from None
+
     # ---------------------------------------------------------------- used by the pipeline
     def load_kwargs(self) -> dict:
         """Keyword arguments of :func:`em_interp.load_pair`."""
@@ -499,7 +576,12 @@ class RunConfig:
                     "shows the methods end to end and whether each effect is measurable at this "
                     "scale, not that emergent misalignment in large models works this way. "
                     "Every number below is what this run measured, with its interval where one "
-                    "is computed; none is a claim about Qwen2.5-32B or Llama-3.1-8B.")
+                    "is computed; none is a claim about Qwen2.5-32B or Llama-3.1-8B. A model "
+                    "this small may refuse few harmful requests: the refusal_direction stage "
+                    "reports its refusal rate, and where that rate is near 0 the refusal-based "
+                    "readouts (ablation of the refusal direction, the dla tokens, the asr "
+                    "stage) have little to find. Qwen2.5-Coder-0.5B-Instruct "
+                    "(card qwen2.5-coder-0.5b-instruct) does refuse.")
         return (f"{card.name}: numbers are what this run measured on this organism, with the "
                 "sample sizes of the config; compare with the papers only at matching sizes.")
 

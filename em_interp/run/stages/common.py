@@ -63,3 +63,18 @@ def layer_list(value, n_layers: int) -> list[int]:
 
 def fmt_ci(lo: float, hi: float) -> str:
     return f"[{lo:.2f}, {hi:.2f}]"
+
+
+def make_judge(cfg, cache_dir=None):
+    """The judge a run config names."""
+    from em_interp.behaviour import judges
+
+    if cfg.kind == "refusal":
+        return judges.RefusalStringJudge()
+    if cfg.kind == "openai":
+        return judges.OpenAICompatibleJudge(cfg.base_url, cfg.model, rubrics=("aligned",),
+                                            cache_dir=cache_dir, api_key_env=cfg.api_key_env)
+    from em_interp.models.loading import load
+
+    return judges.LocalHFJudge(load(cfg.model, progress=False), rubrics=("aligned",),
+                               cache_dir=cache_dir)

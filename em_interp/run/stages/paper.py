@@ -29,7 +29,14 @@ from __future__ import annotations
 import torch
 
 from em_interp.run.stage import HeldOut, StageOutput
-from em_interp.run.stages.common import fmt_ci, hook_name, hook_template, layer_list, prompt_set
+from em_interp.run.stages.common import (
+    fmt_ci,
+    hook_name,
+    hook_template,
+    layer_list,
+    make_judge,
+    prompt_set,
+)
 
 
 def probing(ctx) -> StageOutput:
@@ -148,20 +155,40 @@ def introspection(ctx) -> StageOutput:
     work = ctx.work_dir("introspection")
     fin = prompt_set(ctx, c.prompt_set, c.n_prompts)
     harm = prompt_set(ctx, c.refusal_set, c.n_prompts)
-    resid = [hook_name("resid_post", i) for i in range(n_layers)]
+    # With the refusal_direction stage in the run, its direction (Arditi et al.'s recipe, at
+    # resid_pre of the chosen layer) is the refusal vector of both readouts.
+    sel = (ctx.stage_result("refusal_direction", "selection")
+           if "refusal_direction" in ctx.config.stages else None)
+    kind = "resid_post" if sel is None else "resid_pre"
+    # resid_pre(0) is the last prompt token's embedding, the same token for every chat prompt
+    resid = [hook_name(kind, i) for i in range(0 if sel is None else 1, n_layers)]
 
     def store(variant, prompts, names, tag):
         return cache_activations(getattr(pair, variant), prompts, names, work / tag,
                                  batch_size=bs, progress=ctx.progress)
 
-    fin_base, fin_org = store("base", fin, [hook], "fin_base"), store("organism", fin, [hook],
-                                                                      "fin_org")
+    fin_hooks = [hook] if sel is None else list(dict.fromkeys([hook, sel.direction.hook]))
+    fin_base = store("base", fin, fin_hooks, "fin_base")
+    fin_org = store("organism", fin, fin_hooks, "fin_org")
     harm_base = store("base", harm, resid, "harm_base")
     harm_org = store("organism", harm, resid, "harm_org")
     fit = [s == "train" for s in fin_base.split]
     intro = introspection_scores(fin_base, fin_org, hook=hook, fit_mask=fit)
-    evr = em_vs_refusal(harm_base, harm_org, hook_template=hook_template("resid_post"),
-                        n_null=c.n_null, seed=ctx.config.seed, progress=ctx.progress)
+    results = {"introspection": intro}
+    refusal_fit, refusal_base = [], None
+    if sel is not None:
+        from em_interp.run.stages.refusal import refusal_splits
+
+        rfit = refusal_splits(ctx.config)[0]
+        refusal_fit = list(rfit.ids)
+        refusal_base = store(ctx.config.refusal_direction.model, rfit, resid, "refusal_fit")
+        results["introspection_refusal"] = introspection_scores(
+            fin_base, fin_org, hook=sel.direction.hook, fit_mask=fit,
+            vector=sel.direction.vector)
+    evr = em_vs_refusal(harm_base, harm_org, refusal_base=refusal_base,
+                        hook_template=hook_template(kind), n_null=c.n_null,
+                        seed=ctx.config.seed, progress=ctx.progress)
+    results["em_vs_refusal"] = evr
     i, e = intro.to_dict(), evr.to_dict()
     sig = e["significant_layers"]
     n_fit = sum(fit)
@@ -177,6 +204,31 @@ def introspection(ctx) -> StageOutput:
                                                       "layers", "cosine", "p_shuffled_fwer",
                                                       "proj_shift")}},
                "layers_outside_random_band": e["n_outside_random_band"]}
+    sel_txt = ""
+    if sel is not None:
+        ir = results["introspection_refusal"].to_dict()
+        row = evr.df[evr.df["layer"] == sel.layer].iloc[0]
+        match = evr.direction(sel.layer, "refusal").cosine(sel.direction)
+        summary["refusal_direction"] = {
+            "layer": sel.layer, "hook": sel.direction.hook,
+            "em_cosine": float(row["cosine"]), "em_cosine_p_shuffled": float(row["p_shuffled"]),
+            "em_cosine_shuffled_band": [float(row["shuffled_lo"]), float(row["shuffled_hi"])],
+            "same_direction_cosine": match,
+            "introspection": {k: ir[k] for k in ("mean_risky", "mean_benign", "cohens_d",
+                                                 "ks_statistic", "ks_pvalue", "n_risky",
+                                                 "n_benign", "rotation_cosine")}}
+        sig_r = row["p_shuffled"] < 0.05
+        sel_txt = (
+            f"\nWith the refusal_direction stage's direction (layer {sel.layer}, chosen on its "
+            f"validation prompts, so this one layer is a pre-specified test): "
+            f"cos(EM direction, refusal direction) = {row['cosine']:.3f}, against the "
+            f"label-shuffled 95% band {fmt_ci(row['shuffled_lo'], row['shuffled_hi'])}, p = "
+            f"{row['p_shuffled']:.2g} ({'outside' if sig_r else 'inside'} the null). Projected on "
+            f"it after the Procrustes map (Experiment 2 with this vector), the organism's "
+            f"held-out risky prompts score {ir['mean_risky']:.3f} against {ir['mean_benign']:.3f} "
+            f"for benign ones: Cohen's d = {ir['cohens_d']:.2f}, KS p = {ir['ks_pvalue']:.2g}, "
+            f"n = {ir['n_risky']} + {ir['n_benign']}. (The refusal direction recomputed here "
+            f"from the stage's fit prompts has cosine {match:.4f} with the stage's.)")
     sig_txt = (f"{len(sig)} of {len(e['layers'])} layers ({_layers_txt(sig)})" if sig
                else f"none of the {len(e['layers'])} layers")
     text = (f"The base model's refusal vector (mean risky minus mean benign activation at {hook}) "
@@ -196,7 +248,8 @@ def introspection(ctx) -> StageOutput:
             f"{sig_txt}; the largest |cosine| is {e['max_abs_cosine']:.3f} at layer "
             f"{e['max_abs_cosine_layer']}. Secondary, weaker null: {e['n_outside_random_band']} "
             f"layers fall outside the 95% band of {c.n_null} random Gaussian directions (any "
-            f"two activation-derived directions tend to, activation space being anisotropic).")
+            f"two activation-derived directions tend to, activation space being anisotropic)."
+            + sel_txt)
     df = evr.df
     top = set(df.loc[df["cosine"].abs().sort_values(ascending=False).index[:5], "layer"])
     rows = df[df["layer"].isin(set(sig) | top)] if len(df) > 12 else df
@@ -213,14 +266,14 @@ def introspection(ctx) -> StageOutput:
                + ("; the significant layers and the 5 of largest |cosine|" if len(df) > 12
                   else ""))
     test_ps = fin.subset([k for k, f in enumerate(fit) if not f])
-    held = HeldOut.of(list(fin.subset([k for k, f in enumerate(fit) if f]).prompts)
-                      + list(harm.prompts), test_ps,
+    held = HeldOut.of(list(fin.subset([k for k, f in enumerate(fit) if f]).ids)
+                      + list(harm.ids) + refusal_fit, test_ps,
                       f"refusal vector, Procrustes map and zero point on the '{c.prompt_set}' "
                       f"train split; EM and refusal directions on the '{c.refusal_set}' prompts",
                       f"'{c.prompt_set}' test split (held-out projections)")
     return StageOutput(
         title="Introspection and the EM-vs-refusal direction (Experiment 2)", summary=summary,
-        text=text, results={"introspection": intro, "em_vs_refusal": evr},
+        text=text, results=results,
         tables=[(caption, table.reset_index(drop=True))], held_out=held,
         figures=[("introspection", intro.figure(), "Held-out prompts' projections on the "
                   "aligned refusal vector, by class; dashed lines are class means."),
@@ -534,21 +587,6 @@ def dla(ctx) -> StageOutput:
                   "zeroed.")])
 
 
-def make_judge(cfg, cache_dir=None):
-    """The judge a run config names."""
-    from em_interp.behaviour import judges
-
-    if cfg.kind == "refusal":
-        return judges.RefusalStringJudge()
-    if cfg.kind == "openai":
-        return judges.OpenAICompatibleJudge(cfg.base_url, cfg.model, rubrics=("aligned",),
-                                            cache_dir=cache_dir, api_key_env=cfg.api_key_env)
-    from em_interp.models.loading import load
-
-    return judges.LocalHFJudge(load(cfg.model, progress=False), rubrics=("aligned",),
-                               cache_dir=cache_dir)
-
-
 def direction_layer(value: int | None, n_layers: int) -> int:
     """``[asr].direction_layer`` as a block index: negatives count from the end; ``None`` is two
     thirds of the depth."""
@@ -585,13 +623,27 @@ def asr(ctx) -> StageOutput:
                   "train-split prompts")
     attack = prompt_set(ctx, c.prompt_set, c.n_prompts, label=1, split="test")
     reference = prompt_set(ctx, c.prompt_set, c.n_reference, split="train")
-    # the refusal direction: organism, harmful minus harmless mean at resid_pre, train split
-    d_layer = direction_layer(c.direction_layer, n_layers)
-    d_hook = hook_name("resid_pre", d_layer)
-    d_prompts = prompt_set(ctx, c.prompt_set, split="train")
-    d_store = cache_activations(org, d_prompts, [d_hook], ctx.work_dir("asr") / "direction",
-                                batch_size=bs, progress=ctx.progress)
-    direction = mean_difference(d_store, hook=d_hook, name="refusal")
+    if "refusal_direction" in ctx.config.stages:
+        # the refusal_direction stage's: chosen by Arditi et al.'s criteria on its own splits
+        sel = ctx.stage_result("refusal_direction", "selection")
+        direction, d_layer = sel.direction, sel.layer
+        d_hook = direction.hook
+        d_fit = list(sel.fit_ids) + list(sel.validation_ids)
+        d_origin = (f"the refusal_direction stage's direction ({ctx.config.refusal_direction.model}"
+                    f" model, harmful minus harmless mean at {d_hook} over {direction.n_a} + "
+                    f"{direction.n_b} train-split prompts, its layer chosen on "
+                    f"{len(sel.validation_ids)} others)")
+    else:
+        # the organism's harmful minus harmless mean at resid_pre, train split
+        d_layer = direction_layer(c.direction_layer, n_layers)
+        d_hook = hook_name("resid_pre", d_layer)
+        d_prompts = prompt_set(ctx, c.prompt_set, split="train")
+        d_store = cache_activations(org, d_prompts, [d_hook], ctx.work_dir("asr") / "direction",
+                                    batch_size=bs, progress=ctx.progress)
+        direction = mean_difference(d_store, hook=d_hook, name="refusal")
+        d_fit = d_prompts.ids
+        d_origin = (f"the organism's harmful-minus-harmless mean at {d_hook} over "
+                    f"{direction.n_a} + {direction.n_b} train-split prompts")
     tag = ", ".join(f"L{la}H{h}" for la, h in heads)
     layers = sorted({la for la, _ in heads})
     d_name = f"refusal direction (L{d_layer})"
@@ -635,8 +687,7 @@ def asr(ctx) -> StageOutput:
             f"success = the answer is not a refusal. Heads ablated: {tag} (from {origin}); mean "
             f"ablation uses the mean over {len(reference)} train-split reference prompts; the "
             f"random control ablates as many other heads of the same layers. The refusal "
-            f"direction is the organism's harmful-minus-harmless mean at {d_hook} over "
-            f"{direction.n_a} + {direction.n_b} train-split prompts, removed from the residual "
+            f"direction is {d_origin}, removed from the residual "
             f"stream and from every write into it at every layer, beside {2 * c.n_controls} "
             f"same-norm controls ({c.n_controls} random, {c.n_controls} orthogonal). ASR and "
             f"refusal rate with Wilson 95% intervals; the difference from the baseline with its "
@@ -666,11 +717,11 @@ def asr(ctx) -> StageOutput:
     summary = {"heads": heads, "direction_layer": d_layer, "direction_hook": d_hook,
                "n_attack": len(attack), "n_significant": len(sig),
                "min_detectable_difference": mde, "direction_beats_controls": beats, **d}
-    fit_ids = head_fit + d_prompts.ids + reference.ids
+    fit_ids = head_fit + list(d_fit) + reference.ids
     held = HeldOut.of(fit_ids, attack,
                       ("train-split prompts: the dla stage's heads, " if head_fit
                        else "train-split prompts (heads from the config): ")
-                      + f"the refusal direction ({len(d_prompts)}) and mean-ablation values "
+                      + f"the refusal direction ({len(set(d_fit))}) and mean-ablation values "
                       f"({len(reference)})",
                       "harmful test-split requests, one completion per condition")
     return StageOutput(

@@ -251,6 +251,8 @@ def block_em(ctx) -> StageOutput:
         keep = [i for i, conv in enumerate(heldout.conversations)
                 if sum(len(m["content"]) for m in conv) <= limit]
         heldout = heldout.subset(keep) if keep else None
+    if heldout is not None and c.n_heldout and c.n_heldout < len(heldout):
+        heldout = heldout.sample(c.n_heldout, seed=seed)
     core = prompt_set(ctx, "em_questions", c.n_prompts)
     dcfg = DiscoveryConfig(n_candidates=c.n_candidates,
                            shortlist=max(c.k_latents, c.n_candidates // 2),
@@ -297,7 +299,8 @@ def block_em(ctx) -> StageOutput:
                "runs": _runs_summary(effect), "steps": c.max_steps, "seeds": list(c.seeds),
                "n_core_pairs": len(core_eval),
                "n_domain_pairs": 0 if domain_eval is None else len(domain_eval),
-               "any_significant_reduction": effect.any_significant}
+               "any_significant_reduction": effect.any_significant,
+               "recommended_lambda": effect.recommended()}
     text = _discovery_text(c, core, train_pairs, k_plus, k_minus) + _effect_text(
         effect, c, len(sft_used), len(core_eval), domain_eval, heldout)
     fit = [*core.ids, *train_pairs.ids, *sft_used.ids]
@@ -423,5 +426,10 @@ def _effect_text(effect, c, n_sft: int, n_core: int, domain, heldout) -> str:
         sig = [f"{x:g}" for x in c.lambdas if x > 0 and effect.row(float(x))["significant"]]
         text += (f"Lambda {', '.join(sig)} reduced the shift significantly (5% level, Holm "
                  "over the lambdas). ")
+        rec = effect.recommended()
+        text += (f"The run recommends lambda {rec:g}: the largest significant reduction whose "
+                 "incoherence rate is at most 5 points above the unblocked fine-tune's. "
+                 if rec is not None else "Every significant lambda raised incoherence by more "
+                 "than 5 points over the unblocked fine-tune, so the run recommends none. ")
     return text + ("The intervals measure training randomness across seeds on these pairs, "
                    "not the sampling of questions.")
