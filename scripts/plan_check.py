@@ -2,7 +2,8 @@
 
 Each stage runs alone in a fresh child process (``--child``), so its ``ru_maxrss`` is that
 stage's peak: process baseline + the base/organism pair + the stage's own working memory.
-The pseudo-stage ``load`` only loads the pair.
+The pseudo-stage ``load`` only loads the pair; ``sae+block_em`` runs stages together in one
+child (a stage that reads another), compared with the larger of their predictions.
 
     python scripts/plan_check.py quick --card smollm2-135m-instruct-risky-financial \\
         --stages load probing dla sae --json plan_check.json
@@ -32,7 +33,7 @@ def _child(config: str, card: str | None, stage: str, run_dir: str) -> dict:
 
         load_pair(cfg.card, **cfg.load_kwargs(), progress=False)
     else:
-        cfg = cfg.override(stages=[stage])
+        cfg = cfg.override(stages=stage.split("+"))
         cfg.validate()
         run_pipeline(cfg, run_dir, progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
@@ -69,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     from em_interp.run.plan import plan_run
 
     cfg = RunConfig.from_toml(args.config).override(card=args.card)
-    plan = plan_run(cfg.override(stages=[s for s in args.stages if s != "load"]), gpus=0)
+    planned = list(dict.fromkeys(x for s in args.stages if s != "load" for x in s.split("+")))
+    plan = plan_run(cfg.override(stages=planned), gpus=0)
     rows = []
     for stage in args.stages:
         measured = measure(args.config, stage, card=args.card)
-        predicted = plan.peak_bytes(stage)
+        predicted = max(plan.peak_bytes(x) for x in stage.split("+"))
         rows.append({"stage": stage, "predicted_bytes": predicted, "measured_bytes": measured,
                      "ratio": predicted / measured})
         sys.stdout.write(f"{stage:<18} predicted {predicted / 2**20:8.0f} MiB   measured "
