@@ -361,7 +361,8 @@ def plan_run(config, *, gpus: int | None = None, gpu_mem: int | str | None = Non
             width = F if i.hook in ("mlp_post", "mlp_pre") else d
             store = 2 * 2 * n * L * width * b
             plans.append(StagePlan(stage, pair, forward(B, s) + store, store,
-                                   "per-layer means of two prompt sets, both models"))
+                                   "last-token activations at every layer of two prompt sets, "
+                                   "both models (an upper bound)"))
         elif stage == "patching":
             s = seq(c.patching.prompt_set)
             state = B * (3 * L * s * d) * b + kv(B, s)
