@@ -23,8 +23,10 @@ loaded. With ``b`` the bytes per element of the run's dtype, ``L`` layers, ``d``
 * **BLOCK-EM**: the fine-tune loads a second copy of the base as a float32 HF model (what
   ``em_interp.training.load_base_hf`` does), trains a rank-16 LoRA on all seven projections
   (parameters, gradients and Adam moments in float32) with activations kept for the backward
-  pass (batch 4 x 192 tokens), and the BLOCK-EM reference forward reuses the same model with
-  its adapter disabled (no second copy); each tuned model is then loaded once more to score.
+  pass at batch 4 x 192 tokens (``10·d + 4·F + 2·H·S`` floats per token and layer, and the
+  float32 logits three times: values, log-softmax, gradient); the BLOCK-EM reference forward
+  reuses the same model with its adapter disabled (no second copy); each tuned model is then
+  loaded once more to score.
 * **process baseline**: on a CPU host the plan adds the resident size of a Python process that
   has imported the stack a stage uses -- torch, transformers, TransformerLens, SAE-Lens,
   scikit-learn, plotly (:data:`PROCESS_BASELINE`, measured: about 580 MiB) -- which dominates
@@ -401,7 +403,11 @@ def plan_run(config, *, gpus: int | None = None, gpu_mem: int | str | None = Non
             be = c.block_em
             lora = shape.lora_params(16, ALL_PROJECTIONS)
             st, bt = 192, 4
-            train_acts = bt * st * L * (16 * d + 2 * H * st + 5 * F) * 4 + bt * st * V * 4 * 3
+            # per token and layer, kept for the backward pass: the norms' and projections'
+            # inputs, q and k after RoPE, the residuals (~10 d), the MLP's gate, up,
+            # activation and product (4 F) and the attention probabilities (2 H S); then the
+            # float32 logits, their log-softmax and its gradient
+            train_acts = bt * st * L * (10 * d + 2 * H * st + 4 * F) * 4 + bt * st * V * 4 * 3
             train = P * 4 + lora * 16 + train_acts
             tuned = P * b
             runs = len(be.seeds) * len(be.lambdas)
