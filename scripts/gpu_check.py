@@ -134,8 +134,8 @@ def hf_reference(base: Path, adapter: Path, device: torch.device, dtype: torch.d
 
     from em_interp.models.lora_merge import quiet_peft
 
-    hf = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True)
-    hf = hf.to(device)
+    kwargs = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True, **kwargs)
     with quiet_peft():
         hf = PeftModel.from_pretrained(hf, adapter).merge_and_unload()
     return hf.eval()
@@ -298,7 +298,7 @@ def check_model(label: str, spec: dict, args, device: torch.device, dtype: torch
 
     k = min(4, B)
     pairs = [(prompts[i], prompts[(i + 1) % B]) for i in range(k)]
-    metric = logit_diff(lm, 97, 98)  # the byte tokens "a" and "b"
+    metric = logit_diff(lm, 97, 98)  # two token ids of the byte tokenizer
     p_layers = layers
     src = lm.chat_tokens([s for s, _ in pairs])
     dst = lm.chat_tokens([d for _, d in pairs])
@@ -323,7 +323,7 @@ def check_model(label: str, spec: dict, args, device: torch.device, dtype: torch
 
             handle = decoder[la].register_forward_pre_hook(pre, with_kwargs=True)
             try:
-                out = hf(input_ids=d_ids, attention_mask=d_mask).logits[:, -1].float()
+                out = hf(input_ids=d_ids, attention_mask=d_mask).logits[:, -1].float()  # metric
                 (out[:, 97] - out[:, 98]).cpu()
             finally:
                 handle.remove()

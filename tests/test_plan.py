@@ -166,3 +166,22 @@ def test_prediction_within_25_percent_of_measured_rss(tmp_path):
     row = json.loads((tmp_path / "check.json").read_text())["rows"][0]
     assert row["stage"] == "probing" and row["measured_bytes"] > 200 * 2**20
     assert 0.75 <= row["ratio"] <= 1.25, row
+
+
+def test_card_vocab_size_is_checked_against_config():
+    import dataclasses
+
+    from em_interp.errors import CardError
+    from em_interp.models.loading import check_architecture
+    from em_interp.models.sources import resolve_source
+
+    card = get_card("tiny-random-llama")
+    folder = resolve_source(card.base, card=card)
+    good = dataclasses.replace(card, architecture=dataclasses.replace(
+        card.architecture, vocab_size=264))
+    check_architecture(good, folder)
+    bad = dataclasses.replace(card, architecture=dataclasses.replace(
+        card.architecture, vocab_size=999))
+    with pytest.raises(CardError, match="vocab_size = 999"):
+        check_architecture(bad, folder)
+    assert card_shape(good).vocab == 264 == card_shape(card).vocab
