@@ -6,6 +6,7 @@ checked by tests. The helpers here keep them consistent:
 * :func:`interleaved` -- time several callables round-robin after a warm-up (so slow drifts in
   machine load hit all of them alike) and report min, median and the median of per-round
   ratios against a named baseline ("paired", the most robust of the three);
+  :func:`pair_ratios` gives the same three ratios between any two of them;
 * :func:`peak_rss_mib` / :func:`rss_mib` / :func:`measure_peak_rss` -- resident memory;
 * :func:`warn_if_busy` -- a warning when other processes use the CPUs before a timed phase;
 * :func:`add_card_args` -- ``--card`` (default the real SmolLM2 card) and ``--tiny`` (the tiny
@@ -142,6 +143,15 @@ def interleaved(fns: dict[str, Callable[[], object]], *, baseline: str, repeats:
         "ratio_paired": {k: statistics.median(t / b for t, b in zip(v, base, strict=True))
                          for k, v in times.items()},
     }
+
+
+def pair_ratios(res: dict, name: str, ref: str) -> dict[str, float | None]:
+    """``name`` against ``ref`` (not the run's baseline) from :func:`interleaved`'s output: the
+    ratio of mins, of medians, and the median of per-round ratios (``paired``)."""
+    t, r = res["times_s"][name], res["times_s"][ref]
+    return {"min": ratio(min(t), min(r)),
+            "median": ratio(statistics.median(t), statistics.median(r)),
+            "paired": statistics.median(a / b for a, b in zip(t, r, strict=True))}
 
 
 def timing_rows(res: dict, unit: float = 1e3, unit_name: str = "ms") -> tuple[list, list]:

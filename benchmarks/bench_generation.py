@@ -20,9 +20,16 @@ CPU; every ratio is against HF ``generate`` measured in the same run (nothing as
 
 Before timing, every row of every contestant must produce the same greedy tokens as its
 reference (HF generate, or HF generate with the same hooks for the hooked row); the script stops
-with an error otherwise, and also when the hooks change no token at all (a vacuous check). The
-goal is **hooks / HF <= 1.5**; the script prints whether the min, median and paired ratios meet
-it.
+with an error otherwise, and also when the hooks change no token at all (a vacuous check).
+
+The headline is **em-interp (hooks) / HF generate (hooks)**: generation under an intervention
+against HF ``generate`` with the same hooks, goal <= 1.05 (issue 19). The script prints it as
+min, median and paired ratios (paired: the median over rounds of that round's em-interp time
+over the same round's HF-with-hooks time) and whether each meets the goal; the table's columns
+are all against plain HF ``generate``. ``generate`` decodes with its lean step
+(``em_interp.behaviour.generation.LeanDecoder``) here; ``--tl-step`` adds a row that forces
+TL's own forward for every step (a hook-free recorder at a point the lean step leaves to TL),
+which is what ``generate`` did before the lean step.
 
 Run from the repository root (see benchmarks/README.md)::
 
@@ -42,13 +49,14 @@ from _timing import (  # noqa: E402
     add_card_args,
     fmt,
     interleaved,
+    pair_ratios,
     table,
     timing_rows,
     warn_if_busy,
     write_json,
 )
 
-GOAL = 1.5
+GOAL = 1.05
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about autumn leaves.",
@@ -80,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=4.0,
                     help="steering strength (the unit direction times alpha) of the hooked row")
     ap.add_argument("--skip-tl", action="store_true", help="skip TL's own generate")
+    ap.add_argument("--tl-step", action="store_true",
+                    help="also time em-interp (hooks) decoding with TL's forward every step")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -124,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         return generate(lm, ct, max_new_tokens=n_new, batch_size=args.batch,
                         stop_at_eos=False, progress=False, interventions=iv)
 
+    def run_ours_tl_step():
+        # a hook at attn.hook_rot_k (which the lean step leaves to TL) keeps TL's forward
+        with hooks.attached(tl, [(f"blocks.{last}.attn.hook_rot_k", lambda a, hook: None)]):
+            return run_ours(hooked)
+
     def run_tl():
         return tl.generate(ct.tokens, max_new_tokens=n_new, do_sample=False,
                            use_past_kv_cache=True, stop_at_eos=False, verbose=False,
@@ -137,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "HF generate (hooks)")}
     if not args.skip_tl:
         got["TL generate"] = (run_tl()[:, width:].tolist(), ref, "HF generate")
+    if args.tl_step:
+        got["em-interp (hooks, TL step)"] = (run_ours_tl_step().df["tokens"].tolist(),
+                                             ref_hooked, "HF generate (hooks)")
     print(f"card {args.card}: batch {args.batch} x {n_new} new tokens, greedy, fp32, "
           f"threads {torch.get_num_threads()}")
     changed = sum(a != b for a, b in zip(ref, ref_hooked, strict=True))
@@ -159,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
            "em-interp (no hooks)": run_ours, "em-interp (hooks)": lambda: run_ours(hooked)}
     if not args.skip_tl:
         fns["TL generate"] = run_tl
+    if args.tl_step:
+        fns["em-interp (hooks, TL step)"] = run_ours_tl_step
     warn_if_busy("timing")
     res = interleaved(fns, baseline="HF generate", repeats=args.repeats, warmup=args.warmup)
     headers, rows = timing_rows(res, unit=1.0, unit_name="s")
@@ -167,14 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r.append(fmt(tok_s[r[0]], ".0f"))
     print(table(headers, rows))
-    key = "em-interp (hooks)"
-    verdict = {s: res[f"ratio_{s}"][key] <= GOAL for s in ("min", "median", "paired")}
-    print(f"goal hooks/HF <= {GOAL}: " + ", ".join(
-        f"{s} {fmt(res[f'ratio_{s}'][key], '.2f')} {'ok' if ok else 'OVER'}"
-        for s, ok in verdict.items()))
+    key, ref_key = "em-interp (hooks)", "HF generate (hooks)"
+    head = pair_ratios(res, key, ref_key)
+    print(f"em-interp / HF generate, both under the same hooks (goal <= {GOAL}): " + ", ".join(
+        f"{s} {fmt(v, '.3f')} {'ok' if v <= GOAL else 'OVER'}" for s, v in head.items()))
+    if args.tl_step:
+        old = pair_ratios(res, "em-interp (hooks, TL step)", ref_key)
+        print("  the same with TL's forward every step: " + ", ".join(
+            f"{s} {fmt(v, '.3f')}" for s, v in old.items()))
     write_json(args.json, {"card": args.card, "batch": args.batch, "new_tokens": n_new,
                            "greedy_equal_rows": {k: sum(v) for k, v in equal.items()},
                            "rows_changed_by_hooks": changed, "timing": res, "goal": GOAL,
+                           "hooks_vs_hf_hooks": head,
                            "interventions": hooked.describe()})
     return 0
 

@@ -226,3 +226,86 @@ def test_step_hook_sees_every_forward_and_drives_lockstep_patching(tiny_llama, m
     stops[:] = [stop]
     assert decode_patch(tiny_llama, tiny_llama, PROMPTS, 1, **kw).df.tokens.tolist() == \
         r.df.tokens.tolist()
+
+
+def _lean_vs_tl_steps(lm, iv, n_steps=5, drop_at=2):
+    """Logits of LeanDecoder.step and of TL's decode_step, step by step from one prefill, under
+    the same interventions; a row leaves the batch at step ``drop_at``."""
+    from em_interp.behaviour.generation import LeanDecoder, keep_rows
+
+    ct = tokenize(lm, PROMPTS)
+    out = []
+    with iv.applied(lm.model), torch.no_grad():
+        logits, state = prefill(lm, ct.tokens, ct.attention_mask)
+        _, state2 = prefill(lm, ct.tokens, ct.attention_mask)
+        lean = LeanDecoder(lm, state2, n_steps)
+        nxt = logits.argmax(-1)
+        for step in range(n_steps):
+            if step == drop_at:
+                keep = torch.tensor([0, 2, 3])
+                keep_rows(state, keep)
+                lean.keep(keep)
+                nxt = nxt[keep]
+            a, b = decode_step(lm, state, nxt), lean.step(nxt)
+            out.append((a, b))
+            nxt = a.argmax(-1)
+    return out
+
+
+@pytest.mark.parametrize("card", ["tiny_llama", "tiny_qwen"])
+def test_lean_decode_step_equals_tl_decode_step(card, request):
+    """The lean step against TL's own forward: with hooks at many of the points it keeps
+    (heads at hook_z, neurons at mlp.hook_post, a direction at every residual write, a steer
+    at resid_post of generated positions), over steps where a row leaves the batch."""
+    from em_interp.behaviour.generation import lean_decode_blocker
+    from em_interp.behaviour.interventions import (
+        ablate_direction,
+        ablate_heads,
+        ablate_neurons,
+        compose,
+    )
+
+    lm = request.getfixturevalue(card)
+    cfg = lm.model.cfg
+    g = torch.Generator().manual_seed(4)
+    iv = compose(
+        ablate_heads(lm, [(0, 1)], mode="mean", reference=PROMPTS),
+        ablate_neurons(lm, 1, [0, 3, 5], mode="zero"),
+        ablate_direction(lm, torch.randn(cfg.d_model, generator=g), layers=[1]),
+        steer(lm, hooks.resid_post(0), torch.randn(cfg.d_model, generator=g), 3.0,
+              positions="generated"))
+    assert lean_decode_blocker(lm) is None
+    with iv.applied(lm.model):
+        assert lean_decode_blocker(lm) is None
+    for plain in (True, False):
+        steps = _lean_vs_tl_steps(lm, compose() if plain else iv)
+        for a, b in steps:
+            assert a.shape == b.shape
+            assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_generate_keeps_tl_forward_where_the_lean_step_differs(tiny_llama):
+    """A hook at a point the lean step does not reproduce (TL gives hook_pattern every cached
+    key) or a torch hook on a module keeps TL's forward, with TL's activations."""
+    from em_interp.behaviour.generation import lean_decode_blocker
+
+    shapes = []
+    name = "blocks.1.attn.hook_pattern"
+    rec = (name, lambda a, hook: shapes.append(tuple(a.shape)))
+    with hooks.attached(tiny_llama.model, [rec]):
+        assert name in lean_decode_blocker(tiny_llama)
+        r = generate(tiny_llama, PROMPTS[:2], max_new_tokens=4, stop_at_eos=False,
+                     progress=False)
+    width = tokenize(tiny_llama, PROMPTS[:2]).tokens.shape[1]
+    n_heads = tiny_llama.model.cfg.n_heads
+    assert shapes == [(2, n_heads, width, width)] + [(2, n_heads, 1, width + i)
+                                                     for i in range(1, 4)]
+    lean = generate(tiny_llama, PROMPTS[:2], max_new_tokens=4, stop_at_eos=False, progress=False)
+    assert lean.df.tokens.tolist() == r.df.tokens.tolist()
+    handle = tiny_llama.model.blocks[0].mlp.register_forward_hook(lambda m, i, o: None)
+    try:
+        assert "blocks.0.mlp" in lean_decode_blocker(tiny_llama)
+    finally:
+        handle.remove()
+    assert lean_decode_blocker(tiny_llama) is None

@@ -9,6 +9,14 @@ interventions (:mod:`em_interp.behaviour.interventions`) are active:
   later step feeds only the newest token (**decode step**), never the whole prefix again. Only
   the last position goes through the final norm and unembedding (``[batch, d_vocab]`` per step);
 * rows that stop (EOS) leave the batch: their cache rows are dropped, so the rest run faster;
+* decode steps run on :class:`LeanDecoder` -- TL's arithmetic on TL's weights, with rotated keys
+  and values in buffers allocated once per batch, one ``scaled_dot_product_attention`` per
+  layer, and only the hook points that hold a hook called -- whenever the model is a pre-norm
+  rotary decoder with a gated MLP (Llama, Qwen2, Mistral) and every attached hook is at a point
+  it reproduces (:func:`lean_decode_blocker`); otherwise, and with a ``step_hook``, every step
+  is TL's own forward. The tokens are the same either way (the logits agree to float rounding);
+  on SmolLM2 the lean step brings generation under an intervention to HF ``generate``'s speed
+  with the same hooks (``benchmarks/bench_generation.py``);
 * sampling: ``temperature = 0`` is greedy (argmax, as HF). Otherwise ``p = softmax(logits / T)``,
   cut to the smallest set of tokens whose mass reaches ``top_p`` (nucleus), renormalised, and
   sampled by inverse CDF with one uniform number per row from a ``torch.Generator`` seeded by
@@ -47,6 +55,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -223,6 +232,249 @@ def sample_next(logits: Float[torch.Tensor, "batch d_vocab"], *, temperature: fl
     target = (u.to(cdf.device) * cdf[:, -1].double()).unsqueeze(-1)
     idx = torch.searchsorted(cdf.double(), target).clamp_max(cdf.shape[-1] - 1)
     return order.gather(-1, idx).squeeze(-1)
+
+
+# ------------------------------------------------------------------ the lean decode step
+
+# Hook points the lean step calls with exactly the activations TL's decode step gives them (the
+# new position only). A hook anywhere else (``ln1.*``, which TL runs three times per block;
+# ``attn.hook_rot_k``, which TL gives every cached key; scores and pattern; a torch hook on a
+# module) makes ``generate`` keep TL's own forward.
+_LEAN_BLOCK_POINTS = ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v",
+                      "attn.hook_rot_q", "attn.hook_z", "hook_attn_out", "hook_resid_mid",
+                      "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre",
+                      "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+_LEAN_TOP_POINTS = ("hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized",
+                    "unembed.hook_in", "unembed.hook_out")
+
+
+def lean_decode_blocker(model) -> str | None:
+    """Why :func:`generate` cannot use its lean decode step on ``model`` now, or ``None``.
+
+    The lean step (:class:`LeanDecoder`) covers pre-norm RMSNorm decoders with rotary
+    attention (multi-head or grouped-query) and a gated MLP (Llama, Qwen2, Mistral), on one
+    device, with hooks only at the points it reproduces.
+    """
+    from transformer_lens.components import GatedMLP, RMSNorm, RMSNormPre, TransformerBlock
+    from transformer_lens.components.abstract_attention import AbstractAttention
+    from transformer_lens.hook_points import HookPoint
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    tl = unwrap(model)
+    cfg = tl.cfg
+    off = {"positional_embedding_type": cfg.positional_embedding_type != "rotary",
+           "rotary_adjacent_pairs": cfg.rotary_adjacent_pairs,
+           "use_dynamic_ntk_rope": getattr(cfg, "use_dynamic_ntk_rope", False),
+           "use_logn_attn": getattr(cfg, "use_logn_attn", False),
+           "use_qk_norm": getattr(cfg, "use_qk_norm", False),
+           "use_attention_sinks": getattr(cfg, "use_attention_sinks", False),
+           "clip_qkv": getattr(cfg, "clip_qkv", None) is not None,
+           "attn_types": cfg.attn_types is not None and any(t != "global"
+                                                           for t in cfg.attn_types),
+           "attention_dir": cfg.attention_dir != "causal",
+           "attn_scores_soft_cap": (cfg.attn_scores_soft_cap or -1) > 0,
+           "use_attn_result": cfg.use_attn_result, "use_attn_in": cfg.use_attn_in,
+           "use_split_qkv_input": cfg.use_split_qkv_input,
+           "use_hook_mlp_in": cfg.use_hook_mlp_in, "use_hook_tokens": cfg.use_hook_tokens,
+           "parallel_attn_mlp": cfg.parallel_attn_mlp, "attn_only": cfg.attn_only,
+           "post_embedding_ln": getattr(cfg, "post_embedding_ln", False),
+           "use_normalization_before_and_after": cfg.use_normalization_before_and_after,
+           "original_architecture": cfg.original_architecture in POST_NORM_ARCHITECTURES,
+           "ungroup_grouped_query_attention": getattr(
+               cfg, "ungroup_grouped_query_attention", False),
+           "load_in_4bit": cfg.load_in_4bit, "n_devices": cfg.n_devices != 1,
+           "act_fn": not cfg.gated_mlp or cfg.is_layer_norm_activation()}
+    bad = sorted(k for k, v in off.items() if v)
+    if bad:
+        return f"config {bad}"
+    for blk in tl.blocks:
+        if (type(blk) is not TransformerBlock or type(blk.mlp) is not GatedMLP
+                or type(blk.ln1) not in (RMSNorm, RMSNormPre)
+                or type(blk.ln2) not in (RMSNorm, RMSNormPre)
+                or not isinstance(blk.attn, AbstractAttention)
+                or getattr(blk.attn, "_attention_dir_override", None) not in (None, "causal")):
+            return f"block type {type(blk).__name__}/{type(blk.attn).__name__}"
+    if torch.nn.modules.module._global_forward_hooks or \
+            torch.nn.modules.module._global_forward_pre_hooks:
+        return "a global torch module hook"
+    allowed = set(_LEAN_TOP_POINTS) | {f"blocks.{i}.{p}" for i in range(cfg.n_layers)
+                                       for p in _LEAN_BLOCK_POINTS}
+    for name, m in tl.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            if not isinstance(m, HookPoint) or name not in allowed or m._forward_pre_hooks:
+                return f"a hook on {name or 'the model'}"
+    return None
+
+
+def _hooked(module, names) -> dict[str, Callable]:
+    """The hook points among ``names`` (dotted, under ``module``) that have a forward hook."""
+    out = {}
+    for n in names:
+        hp = module.get_submodule(n)
+        if hp._forward_hooks:
+            out[n] = hp
+    return out
+
+
+class LeanDecoder:
+    """Decode steps with the arithmetic of TL's decode step, without its per-step overhead.
+
+    TL's decode step concatenates each layer's cache, re-applies the rotary embedding to *every*
+    cached key, repeats the grouped keys and values to all heads, rebuilds the causal mask, runs
+    ``ln1`` three times and calls ~20 hook points per block whether or not they hold a hook.
+    Here the rotated keys and values live in buffers allocated once for the whole completion,
+    the new position is written in place, attention is one ``scaled_dot_product_attention``
+    over the filled part with a boolean padding mask (grouped-query natively), and only hook
+    points that hold a hook are called -- with the same activations as in TL (the new position;
+    :func:`lean_decode_blocker` lists the points that qualify). Norms, projections, MLP and
+    unembedding are TL's formulas on TL's own weights (in HF's storage order they are views,
+    no copy), so the logits equal TL's to float rounding.
+
+    Built from the :class:`DecodeState` that :func:`prefill` returns (its cached keys are
+    rotated once, at their own positions).
+    """
+
+    def __init__(self, model, state: DecodeState, max_steps: int):
+        tl = self.tl = unwrap(model)
+        cfg = tl.cfg
+        mask = state.attention_mask.bool()
+        b, n = mask.shape
+        self.n = n
+        self.mask = torch.zeros(b, n + max_steps, dtype=torch.bool, device=mask.device)
+        self.mask[:, :n] = mask
+        self.pos = mask.sum(1)  # the position id of each row's next token
+        self.top = _hooked(tl, _LEAN_TOP_POINTS)
+        self.layers = []
+        for blk, entry in zip(tl.blocks, state.cache.entries, strict=True):
+            a, mlp = blk.attn, blk.mlp
+            grouped = hasattr(a, "_W_K") and not getattr(cfg, "ungroup_grouped_query_attention",
+                                                          False)
+            wk, bk = (a._W_K, a._b_K) if grouped else (a.W_K, a.b_K)
+            wv, bv = (a._W_V, a._b_V) if grouped else (a.W_V, a.b_V)
+            n_kv = wk.shape[0]
+            keys = a.apply_rotary(entry.past_keys, 0, mask.long())
+            kbuf = torch.empty(b, n_kv, n + max_steps, cfg.d_head, dtype=keys.dtype,
+                               device=keys.device)
+            vbuf = torch.empty_like(kbuf)
+            kbuf[:, :, :n] = keys.transpose(1, 2)
+            vbuf[:, :, :n] = entry.past_values.transpose(1, 2)
+            self.layers.append({
+                "blk": blk, "attn": a, "k": kbuf, "v": vbuf,
+                "wq": a.W_Q.permute(0, 2, 1).reshape(-1, cfg.d_model), "bq": a.b_Q.reshape(-1),
+                "wk": wk.permute(0, 2, 1).reshape(-1, cfg.d_model), "bk": bk.reshape(-1),
+                "wv": wv.permute(0, 2, 1).reshape(-1, cfg.d_model), "bv": bv.reshape(-1),
+                "wo": a.W_O.permute(2, 0, 1).reshape(cfg.d_model, -1), "bo": a.b_O,
+                "wg": mlp.W_gate.T.contiguous(), "wi": mlp.W_in.T.contiguous(),
+                "wout": mlp.W_out.T.contiguous(), "bout": mlp.b_out,
+                "bin": None if not bool(mlp.b_in.any()) else mlp.b_in, "act": mlp.act_fn,
+                "w1": getattr(blk.ln1, "w", None), "w2": getattr(blk.ln2, "w", None),
+                "scale": 1.0 / a.attn_scale, "n_kv": n_kv, "gqa": n_kv != cfg.n_heads,
+                "hooks": _hooked(blk, _LEAN_BLOCK_POINTS)})
+
+    def __len__(self) -> int:
+        return int(self.pos.shape[0])
+
+    def keep(self, keep: Int[torch.Tensor, " n_keep"]) -> None:
+        """Keep only the live rows at positions ``keep`` (as :func:`keep_rows`)."""
+        idx = keep.to(torch.long).to(self.mask.device)
+        self.mask, self.pos = self.mask.index_select(0, idx), self.pos.index_select(0, idx)
+        for layer in self.layers:
+            layer["k"] = layer["k"].index_select(0, idx)
+            layer["v"] = layer["v"].index_select(0, idx)
+
+    def _norm(self, x, w, hooks, prefix):
+        """TL's ``RMSNorm`` (``RMSNormPre`` when ``w`` is None), with its hook points."""
+        dtype = self.tl.cfg.dtype
+        if dtype not in (torch.float32, torch.float64):
+            x = x.to(torch.float32)
+        scale = (x.pow(2).mean(-1, keepdim=True) + self.tl.cfg.eps).sqrt()
+        if (h := hooks.get(prefix + "hook_scale")) is not None:
+            scale = h(scale)
+        x = x / scale
+        if (h := hooks.get(prefix + "hook_normalized")) is not None:
+            x = h(x)
+        x = x.to(dtype)
+        return x if w is None else x * w
+
+    def _rotate(self, x, cos, sin):
+        """TL's rotary embedding (``rotate_every_two`` with halves) at the given positions."""
+        rd = cos.shape[-1]
+        xr = x[..., :rd] if rd < x.shape[-1] else x
+        half = rd // 2
+        flip = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+        out = xr * cos + flip * sin
+        return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)
+
+    def step(self, next_tokens: Int[torch.Tensor, " batch"]) -> Float[torch.Tensor, "batch d_vocab"]:
+        """Feed one token per live row; return the next-token logits ``[batch, d_vocab]``."""
+        tl, cfg, t = self.tl, self.tl.cfg, self.n
+        b = int(next_tokens.shape[0])
+        n_heads, d_head = cfg.n_heads, cfg.d_head
+        self.mask[:, t] = True
+        keep = self.mask[:, None, None, :t + 1]
+        pos = self.pos
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        with generated_positions(torch.ones(b, 1, dtype=torch.bool, device=pos.device)):
+            x = tl.embed(next_tokens.reshape(b, 1).to(self.mask.device))
+            if (h := self.top.get("hook_embed")) is not None:
+                x = h(x)
+            for layer in self.layers:
+                hk, a = layer["hooks"], layer["attn"]
+                if (h := hk.get("hook_resid_pre")) is not None:
+                    x = h(x)
+                y = self._norm(x, layer["w1"], hk, "ln1.")
+                q = F.linear(y, layer["wq"], layer["bq"]).view(b, 1, n_heads, d_head)
+                k = F.linear(y, layer["wk"], layer["bk"]).view(b, 1, layer["n_kv"], d_head)
+                v = F.linear(y, layer["wv"], layer["bv"]).view(b, 1, layer["n_kv"], d_head)
+                if (h := hk.get("attn.hook_q")) is not None:
+                    q = h(q)
+                if (h := hk.get("attn.hook_k")) is not None:
+                    k = h(k)
+                if (h := hk.get("attn.hook_v")) is not None:
+                    v = h(v)
+                key = a.rotary_cos.data_ptr()
+                if key not in tables:
+                    tables[key] = (a.rotary_cos[pos][:, None, None, :],
+                                   a.rotary_sin[pos][:, None, None, :])
+                cos, sin = tables[key]
+                q = self._rotate(q, cos, sin)
+                if (h := hk.get("attn.hook_rot_q")) is not None:
+                    q = h(q)
+                layer["k"][:, :, t] = self._rotate(k, cos, sin)[:, 0]
+                layer["v"][:, :, t] = v[:, 0]
+                z = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), layer["k"][:, :, :t + 1], layer["v"][:, :, :t + 1],
+                    attn_mask=keep, scale=layer["scale"], enable_gqa=layer["gqa"])
+                z = z.transpose(1, 2)  # [batch, 1, head, d_head], as attn.hook_z
+                if (h := hk.get("attn.hook_z")) is not None:
+                    z = h(z)
+                out = F.linear(z.reshape(b, 1, n_heads * d_head), layer["wo"], layer["bo"])
+                if (h := hk.get("hook_attn_out")) is not None:
+                    out = h(out)
+                x = x + out
+                if (h := hk.get("hook_resid_mid")) is not None:
+                    x = h(x)
+                y = self._norm(x, layer["w2"], hk, "ln2.")
+                pre = F.linear(y, layer["wg"])
+                if (h := hk.get("mlp.hook_pre")) is not None:
+                    pre = h(pre)
+                lin = F.linear(y, layer["wi"])
+                if (h := hk.get("mlp.hook_pre_linear")) is not None:
+                    lin = h(lin)
+                post = layer["act"](pre) * lin
+                if layer["bin"] is not None:
+                    post = post + layer["bin"]
+                if (h := hk.get("mlp.hook_post")) is not None:
+                    post = h(post)
+                out = F.linear(post, layer["wout"], layer["bout"])
+                if (h := hk.get("hook_mlp_out")) is not None:
+                    out = h(out)
+                x = x + out
+                if (h := hk.get("hook_resid_post")) is not None:
+                    x = h(x)
+        self.n += 1
+        self.pos = pos + 1
+        return _last_logits(tl, x)
 
 
 # ------------------------------------------------------------------ result
@@ -481,6 +733,10 @@ def _generate_chunk(tl, rows: list[list[int]], keys: list[tuple[int, int]], *, p
     stop_set = set(stops)
     with _step_hooks(tl, step_hook, 0, tokens, mask, torch.arange(len(rows))):
         logits, state = prefill(tl, tokens, mask)
+    lean = None
+    if step_hook is None and max_new_tokens > 1 and lean_decode_blocker(tl) is None and (
+            tokens.shape[1] + max_new_tokens <= tl.blocks[0].attn.rotary_cos.shape[0]):
+        lean = LeanDecoder(tl, state, max_new_tokens)
     live = list(range(len(rows)))
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature=temperature, top_p=top_p,
@@ -496,9 +752,15 @@ def _generate_chunk(tl, rows: list[list[int]], keys: list[tuple[int, int]], *, p
             break
         if len(keep) < len(live):
             idx = torch.tensor(keep)
-            keep_rows(state, idx)
+            if lean is None:
+                keep_rows(state, idx)
+            else:
+                lean.keep(idx)
             nxt = nxt[idx.to(nxt.device)]
             live = [live[j] for j in keep]
+        if lean is not None:
+            logits = lean.step(nxt)
+            continue
         toks = nxt.reshape(-1, 1)
         with _step_hooks(tl, step_hook, step + 1, toks, torch.ones_like(toks), state.rows):
             logits = decode_step(tl, state, nxt)
