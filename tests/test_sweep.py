@@ -197,6 +197,9 @@ def test_summarize_pools_points_per_axis_value_with_seeds_as_clusters():
     assert ("block_em.reduction", "lambda", "0") not in iv.index  # no reduction at lambda 0
     assert ("block_em.incoherence", "lambda", "0") in iv.index
     assert s.figure("m", "hook").data and s.to_dict()["intervals"]
+    fig = s.figure("block_em.reduction", "lambda")  # lambdas in numeric order, as categories
+    assert tuple(fig.layout.xaxis.categoryarray) == ("10", "100")
+    assert [len(tr.x) for tr in fig.data] == [6, 2, 6, 2]  # per seed and mean, per hook
 
 
 def test_headline_flattens_numbers_and_skips_prompt_ids():
@@ -208,6 +211,17 @@ def test_headline_flattens_numbers_and_skips_prompt_ids():
 
 
 # ---------------------------------------------------------------- local backend end to end
+
+
+def test_run_point_reports_a_failing_run_instead_of_raising(tmp_path):
+    from em_interp.run.config import RunConfig
+
+    (tmp_path / "tiny.toml").write_text(TINY_BASE)
+    cfg = RunConfig.from_toml(tmp_path / "tiny.toml")
+    (tmp_path / "a-file").write_text("")
+    res = run_point({"config": cfg.to_dict(), "source": "x", "run_dir": str(tmp_path / "a-file")})
+    assert res["status"] == "failed" and res["error"].startswith("ConfigError:")
+    assert "is a file, not a folder" in res["error"] and "Traceback" in res["traceback"]
 
 
 class Counting:
@@ -297,7 +311,7 @@ def test_cli_sweep_lists_resumes_and_names_the_ray_extra(local_sweep, capsys, mo
 # ---------------------------------------------------------------- one real local-Ray run
 
 
-def test_ray_backend_runs_points_as_ray_tasks(tmp_path):
+def test_ray_backend_runs_points_as_ray_tasks(tmp_path, local_sweep):
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install "
                                             "'em-interp[sweep]'); the Ray backend is untested")
     spec = SweepSpec.from_toml(_write(tmp_path, "seed = [0, 1]",
@@ -310,7 +324,9 @@ def test_ray_backend_runs_points_as_ray_tasks(tmp_path):
         ray.shutdown()
     doc = json.loads(outcome.sweep_json.read_text())
     assert doc["backend"] == "ray" and doc["counts"]["finished"] == 2, doc["points"]
-    local = run_sweep(spec, tmp_path / "local")
-    # the same points, the same numbers, whichever backend ran them
-    assert [p["key"] for p in doc["points"]] == [p["key"] for p in local.points]
-    assert [p["headline"] for p in doc["points"]] == [p["headline"] for p in local.points]
+    # the same configs as the local sweep's mlp_post points (the default hook): the same point
+    # folders' names and the same numbers, whichever backend ran them
+    local = {p["key"]: p for p in local_sweep[3].points if p["axes"]["probing.hook"] == "mlp_post"}
+    assert [p["key"] for p in doc["points"]] == list(local)
+    assert all(p["headline"] == local[p["key"]]["headline"] and p["headline"]
+               for p in doc["points"])

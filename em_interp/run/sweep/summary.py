@@ -146,29 +146,34 @@ class SweepSummary(Result):
         t = iv[(iv["metric"] == metric) & (iv["axis"] == axis)]
         pts = self.points[(self.points["metric"] == metric) & (self.points["axis"] == axis)]
         fig = go.Figure()
-        numeric = pd.api.types.is_numeric_dtype(t["x"]) and axis != "checkpoint"
+        numeric = axis != "checkpoint" and bool(t["x"].map(
+            lambda v: isinstance(v, int | float) and not isinstance(v, bool)).all())
+        # lambda grids are logarithmic and include 0: evenly spaced categories, in order
+        categorical = not numeric or axis == "lambda"
         for curve, g in t.groupby("curve", sort=False):
-            g = g.sort_values("x") if numeric else g
-            x = g["x"] if numeric else g["x_label"]
             p = pts[pts["curve"] == curve]
+            if numeric:
+                g, p = (f.assign(_x=f["x"].astype(float)).sort_values("_x") for f in (g, p))
             fig.add_trace(go.Scatter(
-                x=p["x"] if numeric else p["x_label"], y=p["value"], mode="markers",
+                x=p["x_label"] if categorical else p["x"], y=p["value"], mode="markers",
                 marker={"color": "rgba(120,120,120,0.6)", "size": 7},
                 text=[f"seed {s}" for s in p["seed"]], name=f"{curve} (one seed each)",
                 legendgroup=curve))
             fig.add_trace(go.Scatter(
-                x=x, y=g["estimate"], mode="lines+markers", name=f"{curve} (mean)",
-                legendgroup=curve,
+                x=g["x_label"] if categorical else g["x"], y=g["estimate"],
+                mode="lines+markers", name=f"{curve} (mean)", legendgroup=curve,
                 error_y={"type": "data", "symmetric": False,
                          "array": (g["high"] - g["estimate"]).fillna(0),
                          "arrayminus": (g["estimate"] - g["low"]).fillna(0)}))
-        log_x = numeric and axis == "lambda" and (t["x"] > 0).sum() > 2
+        if categorical:
+            order = (t.assign(_x=t["x"].astype(float)).sort_values("_x") if numeric
+                     else t)["x_label"].drop_duplicates()
+            fig.update_xaxes(type="category", categoryorder="array",
+                             categoryarray=list(order))
         fig.update_layout(
             title=f"{metric} vs {axis}: mean over seeds, {self.confidence:.0%} cluster-bootstrap "
                   "interval (seeds as clusters)", xaxis_title=axis, yaxis_title=metric,
             template="plotly_white", height=420)
-        if log_x:
-            fig.update_xaxes(type="log")
         return fig
 
 
