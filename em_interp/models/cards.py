@@ -110,6 +110,8 @@ class Architecture:
     n_heads: int
     n_kv_heads: int
     d_mlp: int
+    vocab_size: int | None = None
+    """Optional: the vocabulary size (used by ``em-interp plan`` for the embedding's size)."""
 
 
 @dataclass(frozen=True)
@@ -302,8 +304,8 @@ def parse_card(data: dict, path: Path | str = "<memory>") -> Card:
             f"{_where(path, '')}: name {name!r} must equal the file name {path.stem!r}."
         )
     arch_t = _get(data, "architecture", dict, path, "")
-    _check_keys(arch_t, {"hf_class", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp"},
-                path, "architecture")
+    _check_keys(arch_t, {"hf_class", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp",
+                         "vocab_size"}, path, "architecture")
     arch = Architecture(
         hf_class=_get(arch_t, "hf_class", str, path, "architecture",
                       choices=SUPPORTED_ARCHITECTURES),
@@ -311,6 +313,9 @@ def parse_card(data: dict, path: Path | str = "<memory>") -> Card:
             k: _positive(_get(arch_t, k, int, path, "architecture"), k, path, "architecture")
             for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp")
         },
+        vocab_size=(None if "vocab_size" not in arch_t else _positive(
+            _get(arch_t, "vocab_size", int, path, "architecture"), "vocab_size", path,
+            "architecture")),
     )
     if arch.n_heads % arch.n_kv_heads:
         raise CardError(f"{_where(path, 'architecture')}: n_heads must be a multiple of n_kv_heads.")

@@ -180,10 +180,14 @@ def _torch_dtype(dtype) -> torch.dtype:
 
 def check_architecture(card: Card, folder: Path) -> None:
     """Compare the card's [architecture] with ``folder/config.json`` before any weight loads."""
-    got = _architecture_of(json.loads((folder / "config.json").read_text()), str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    got = replace(_architecture_of(config, str(folder)), vocab_size=config.get("vocab_size"))
     want = card.architecture
-    for field_name in ("hf_class", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp"):
+    for field_name in ("hf_class", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp",
+                       "vocab_size"):
         value = getattr(got, field_name)
+        if field_name == "vocab_size" and (want.vocab_size is None or value is None):
+            continue  # optional in a card
         if getattr(want, field_name) != value:
             raise CardError(
                 f"card {card.name!r} says [architecture].{field_name} = "
