@@ -31,6 +31,7 @@ layers = [1, 2]
 
 
 def _write(tmp_path, axes: str, extra: str = "", head: str = "") -> str:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "tiny.toml").write_text(TINY_BASE)
     path = tmp_path / "sweep.toml"
     path.write_text(f'[sweep]\nbase = "tiny.toml"\n{head}\n{extra}\n[axes]\n{axes}\n')
@@ -319,6 +320,10 @@ def test_ray_backend_runs_points_as_ray_tasks(tmp_path, local_sweep):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     try:
+        greedy = SweepSpec.from_toml(_write(tmp_path / "greedy", "seed = [0]",
+                                            extra="[resources]\nnum_gpus = 64"))
+        with pytest.raises(ConfigError, match=r"num_gpus 64 \(the instance has 0\)"):
+            run_sweep(greedy, tmp_path / "greedy" / "out", backend="ray")
         outcome = run_sweep(spec, tmp_path / "out", backend="ray")
     finally:
         ray.shutdown()

@@ -204,6 +204,25 @@ def _import_ray():
     return ray
 
 
+def _check_fits(total: dict, resources: Resources, address: str | None, say) -> None:
+    """A point that asks for more than the whole Ray instance has would wait forever: refuse it
+    (on an existing cluster, which may scale up, only say so)."""
+    short = [f"{name} {need:g}{unit} (the instance has {total.get(key, 0) / scale:g}{unit})"
+             for name, key, need, scale, unit in (
+                 ("num_cpus", "CPU", resources.num_cpus, 1, ""),
+                 ("num_gpus", "GPU", resources.num_gpus, 1, ""),
+                 ("memory", "memory", (resources.memory or 0) / 2**30, 2**30, " GiB"))
+             if need and total.get(key, 0) / scale < need]
+    if not short:
+        return
+    msg = (f"each point asks Ray for {', '.join(short)}, more than it has, so no point could "
+           "start. Lower [resources] in the sweep file, or run on a cluster that has them "
+           "(--address).")
+    if address is None:
+        raise ConfigError(msg)
+    say(f"warning: {msg} Waiting for the cluster to scale up.")
+
+
 def _run_ray(todo: list[SweepPoint], out: Path, runner, resources: Resources,
              address: str | None, say) -> Iterator[tuple]:
     ray = _import_ray()
@@ -213,6 +232,7 @@ def _run_ray(todo: list[SweepPoint], out: Path, runner, resources: Resources,
                  configure_logging=False)
         started = True
     try:
+        _check_fits(ray.cluster_resources(), resources, address, say)
         task = ray.remote(runner).options(max_retries=0, **resources.ray_options())
         pending: dict[Any, SweepPoint] = {}
         for p in todo:
