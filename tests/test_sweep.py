@@ -230,8 +230,13 @@ class Counting:
 
     def __init__(self, fail_labels=(), times=99):
         self.calls, self.fail_labels, self.times, self.failures = [], set(fail_labels), times, 0
+        self.seen = []  # sweep.json's counts as each call starts
 
     def __call__(self, payload):
+        from pathlib import Path
+
+        doc = Path(payload["run_dir"]).parents[1] / "sweep.json"
+        self.seen.append(json.loads(doc.read_text())["counts"] if doc.is_file() else None)
         cfg = payload["config"]
         label = (cfg["run"]["seed"], cfg["probing"]["hook"])
         self.calls.append(label)
@@ -259,6 +264,11 @@ def test_local_sweep_runs_each_point_and_keeps_the_failed_one(local_sweep):
                                                          "failed": 1, "pending": 0}
     # the failing point was tried 1 + retries times, the others once
     assert runner.calls.count((1, "resid_post")) == 2 and len(runner.calls) == 5
+    # sweep.json is rewritten after every point: the third point saw two finished, two pending;
+    # the retry saw three finished and the failed one
+    assert runner.seen[:1] == [None]
+    assert runner.seen[2] == {"finished": 2, "cached": 0, "failed": 0, "pending": 2}
+    assert runner.seen[4] == {"finished": 3, "cached": 0, "failed": 1, "pending": 0}
     bad = [p for p in doc["points"] if p["status"] == "failed"]
     assert len(bad) == 1 and bad[0]["attempts"] == 2 and bad[0]["axes"] == {
         "seed": 1, "probing.hook": "resid_post"}

@@ -6,7 +6,8 @@ run folder, ``DIR/points/<key>/`` (``key`` = :func:`~em_interp.run.sweep.spec.co
 of the resolved config and the toolkit version). Within a point the pipeline's stage cache
 applies, so a point killed half-way resumes from its finished stages.
 
-* **Done.** A finished point writes ``point.json`` (status ``finished``) into its folder. A rerun
+* **Done.** A finished point writes ``point.json`` (status ``finished``) into its folder, and
+  ``sweep.json`` / ``sweep.html`` are rewritten after every point (pending ones marked so). A rerun
   of the sweep skips such points (status ``cached``) and runs only the missing and failed ones.
 * **Failures.** A point that raises, or whose Ray worker dies, is an attempt that failed; it is
   run again up to ``retries`` times. One that fails every attempt is marked ``failed`` in
@@ -128,6 +129,19 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, backend: Backend = "local
             todo.append(p)
     say(f"{len(points)} point(s): {len(points) - len(todo)} finished earlier, "
         f"{len(todo)} to run on the {backend} backend")
+    done: dict[int, dict] = {}  # records of finished points (they no longer change)
+
+    def snapshot() -> tuple[list[dict], Path, Path]:
+        """sweep.json / sweep.html as they stand (rewritten after every point)."""
+        records = []
+        for p in points:
+            rec = done.get(p.index) or point_record(p, state[p.index], out)
+            if state[p.index]["status"] in ("finished", "cached"):
+                done[p.index] = rec
+            records.append(rec)
+        return records, *write_summary(out, spec, records, backend=backend,
+                                       seconds=time.perf_counter() - t0)
+
     for attempt in range(1 + retries):
         if not todo:
             break
@@ -147,12 +161,11 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, backend: Backend = "local
                 more = " ; retrying" if attempt < retries else ""
                 say(f"point {p.index} ({p.label}): attempt {st['attempts']} failed: "
                     f"{st['error']}{more}")
+            snapshot()
         todo = failed
-    records = [point_record(p, state[p.index], out) for p in points]
-    seconds = time.perf_counter() - t0
-    sweep_json, sweep_html = write_summary(out, spec, records, backend=backend, seconds=seconds)
+    records, sweep_json, sweep_html = snapshot()
     return SweepOutcome(out_dir=out, points=records, sweep_json=sweep_json,
-                        sweep_html=sweep_html, seconds=seconds)
+                        sweep_html=sweep_html, seconds=time.perf_counter() - t0)
 
 
 def point_dir(out: Path, p: SweepPoint) -> Path:
