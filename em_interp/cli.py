@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray: an existing cluster's address (default: a local instance)")
     sweep.add_argument("--retries", type=int, default=None,
                        help="extra attempts of a failed point (default: the file's, else 1)")
+    sweep.add_argument("--no-plan-check", action="store_true",
+                       help="start even when a point's memory plan says it does not fit")
     sweep.set_defaults(func=_cmd_sweep)
     plan = sub.add_parser("plan", help="per-stage peak memory and disk of a run config",
                           description="Predict, per stage of CONFIG, the peak memory (weights, "
@@ -332,7 +334,8 @@ def _cmd_sweep(args) -> int:
     spec = SweepSpec.from_toml(args.sweep)
     out = args.out or f"sweeps/{Path(args.sweep).stem}"
     outcome = run_sweep(spec, out, backend=args.backend, address=args.address,
-                        retries=args.retries, on_event=print)
+                        retries=args.retries, on_event=print,
+                        plan_check=not args.no_plan_check)
     c = json.loads(outcome.sweep_json.read_text())["counts"]
     print(f"\n{len(outcome.points)} points: {c['finished']} run now, {c['cached']} finished "
           f"earlier, {c['failed']} failed; {outcome.seconds:.1f} s")

@@ -13,7 +13,7 @@ import pytest
 from em_interp.cli import main
 from em_interp.errors import ConfigError
 from em_interp.run.sweep import SweepSpec, across_seed_interval, run_point, run_sweep, summarize
-from em_interp.run.sweep.spec import list_sweeps, parse_memory
+from em_interp.run.sweep.spec import list_sweeps
 from em_interp.run.sweep.summary import headline
 from em_interp.stats import cluster_bootstrap_ci
 
@@ -64,12 +64,12 @@ def test_bad_tables_base_and_resources(tmp_path):
         SweepSpec.from_dict({"axes": {"seed": [0]}})
     with pytest.raises(ConfigError, match="neither a file nor a shipped example"):
         SweepSpec.from_dict({"sweep": {"base": "no-such-config"}}).points()
-    with pytest.raises(ConfigError, match="not an amount of memory"):
+    with pytest.raises(ConfigError, match=r"\[resources\].memory: memory size '4 parsecs'"):
         SweepSpec.from_dict({"sweep": {"base": "quick"}, "resources": {"memory": "4 parsecs"}})
     with pytest.raises(ConfigError, match=r"\[resources\].num_gpus"):
         SweepSpec.from_dict({"sweep": {"base": "quick"}, "resources": {"num_gpus": -1}})
-    assert parse_memory("4GiB", "x") == 4 * 2**30 and parse_memory("512MB", "x") == 512 * 10**6
-    assert parse_memory(1000, "x") == 1000
+    spec = SweepSpec.from_dict({"sweep": {"base": "quick"}, "resources": {"memory": "4GiB"}})
+    assert spec.resources.memory == 4 * 2**30
 
 
 def test_a_bad_value_names_its_point_and_key_before_anything_runs(tmp_path):
@@ -88,6 +88,22 @@ def test_a_bad_value_names_its_point_and_key_before_anything_runs(tmp_path):
     spec = SweepSpec.from_toml(_write(tmp_path, "seed = [0, 0]"))
     with pytest.raises(ConfigError, match="same config as point 0"):
         spec.points()
+
+
+def test_a_point_whose_memory_plan_does_not_fit_is_refused_before_anything_runs(
+        tmp_path, monkeypatch):
+    import em_interp.run.plan as plan
+
+    spec = SweepSpec.from_toml(_write(tmp_path, "seed = [0, 1]"))
+    monkeypatch.setattr(plan, "available_ram", lambda: 1000)  # a machine with 1 kB free
+    with pytest.raises(ConfigError, match=r"point 0 \(seed=0\).*memory plan.*does not fit"):
+        run_sweep(spec, tmp_path / "out", runner=_never)
+    # on Ray, a CPU point is checked against the memory it declares
+    small = SweepSpec.from_toml(_write(tmp_path / "ray", "seed = [0]",
+                                       extra='[resources]\nmemory = "1KiB"'))
+    with pytest.raises(ConfigError, match=r"point 0 \(seed=0\).*declares to Ray"):
+        run_sweep(small, tmp_path / "ray" / "out", backend="ray", runner=_never)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ray" / "out").exists()
 
 
 def _never(payload):

@@ -86,7 +86,8 @@ class SweepOutcome:
 def run_sweep(spec: SweepSpec, out_dir: str | Path, *, backend: Backend = "local",
               address: str | None = None, retries: int | None = None,
               runner: Callable[[dict], dict] = run_point,
-              on_event: Callable[[str], None] | None = None) -> SweepOutcome:
+              on_event: Callable[[str], None] | None = None,
+              plan_check: bool = True) -> SweepOutcome:
     """Run (or resume) every point of ``spec`` into ``out_dir``; write sweep.json and sweep.html.
 
     Args:
@@ -97,6 +98,9 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, backend: Backend = "local
         retries: extra attempts of a failed point (``None``: the file's ``[sweep].retries``).
         runner: the point runner (default :func:`run_point`; must be picklable for Ray).
         on_event: called with a line per started / finished / failed point (the CLI prints).
+        plan_check: check each point's memory plan (:func:`em_interp.run.plan.plan_run`)
+            first: on the local backend against this machine, as ``em-interp run`` does; on
+            Ray (CPU points) against the declared ``[resources].memory``.
 
     Raises:
         ConfigError: a bad point (before anything runs), an unknown backend, ``address``
@@ -114,6 +118,8 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, backend: Backend = "local
     if retries < 0:
         raise ConfigError(f"retries = {retries} must be >= 0.")
     points = spec.points()  # every point validated before anything runs or is written
+    if plan_check:
+        _check_plans(points, backend, spec.resources)
     out = check_run_dir(out_dir, option="--out")
     if backend == "ray":
         _import_ray()
@@ -166,6 +172,29 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, backend: Backend = "local
     records, sweep_json, sweep_html = snapshot()
     return SweepOutcome(out_dir=out, points=records, sweep_json=sweep_json,
                         sweep_html=sweep_html, seconds=time.perf_counter() - t0)
+
+
+def _check_plans(points: list[SweepPoint], backend: str, resources: Resources) -> None:
+    """Refuse a point whose memory plan does not fit where it will run (naming the point)."""
+    from em_interp.run.plan import check_plan, plan_run
+
+    for p in points:
+        where = f"{p.config.source}"
+        if backend == "local":
+            try:
+                check_plan(plan_run(p.config))
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e} (em-interp sweep: --no-plan-check)") from None
+        elif resources.memory and not resources.num_gpus:
+            plan = plan_run(p.config, gpus=0)
+            peak = max([plan.peak_bytes(s.stage) for s in plan.stage_plans()]
+                       + [plan.peak_bytes("load")])
+            if peak > resources.memory:
+                raise ConfigError(
+                    f"{where}: its memory plan peaks at about {peak / 2**30:.1f} GiB, more than "
+                    f"the {resources.memory / 2**30:.1f} GiB it declares to Ray "
+                    "([resources].memory); raise it, or lower the run's sizes "
+                    "(--no-plan-check skips this check).")
 
 
 def point_dir(out: Path, p: SweepPoint) -> Path:

@@ -52,7 +52,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -65,8 +64,6 @@ from em_interp.run.config import CONFIG_DIR, RunConfig
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 """The shipped example sweep files (``em-interp sweep --list``)."""
 SHORT_KEYS = {"card": "run.card", "seed": "run.seed"}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 @dataclass(frozen=True)
@@ -318,17 +315,6 @@ def list_sweeps() -> list[str]:
     return sorted(p.stem for p in SWEEP_DIR.glob("*.toml"))
 
 
-def parse_memory(value: Any, where: str) -> int:
-    """Bytes from ``4294967296``, ``"4GiB"``, ``"512 MB"``."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise ConfigError(f"{where} = {value!r} is not an amount of memory; write bytes or a "
-                          "number with a unit, e.g. \"4GiB\" or \"512MB\".")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
 def _resources(t: dict, source: str) -> Resources:
     allowed = {f.name for f in fields(Resources)}
     if set(t) - allowed:
@@ -342,7 +328,12 @@ def _resources(t: dict, source: str) -> Resources:
                 raise ConfigError(f"{source}: [resources].{k} = {v!r} must be a number >= 0.")
             kw[k] = float(v)
     if "memory" in t:
-        kw["memory"] = parse_memory(t["memory"], f"{source}: [resources].memory")
+        from em_interp.run.plan import parse_bytes
+
+        try:
+            kw["memory"] = parse_bytes(t["memory"])
+        except ConfigError as e:
+            raise ConfigError(f"{source}: [resources].memory: {e}") from None
     return Resources(**kw)
 
 
