@@ -266,7 +266,7 @@ class Counting:
 def local_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     path = _write(root, 'seed = [0, 1]\n"probing.hook" = ["mlp_post", "resid_post"]',
-                  head='metrics = ["probing.best_accuracy", "probing.cv_accuracy"]')
+                  head='metrics = ["probing.best_accuracy", "probing.cv_accuracy", "probing.nope"]')
     spec = SweepSpec.from_toml(path)
     runner = Counting(fail_labels={(1, "resid_post")})
     outcome = run_sweep(spec, root / "out", retries=1, runner=runner)
@@ -297,6 +297,9 @@ def test_local_sweep_runs_each_point_and_keeps_the_failed_one(local_sweep):
             assert (out / p["run_dir"] / "point.json").is_file()
     html = outcome.sweep_html.read_text()
     assert "<script src=" not in html and "planted failure" in html and "sweep-fig0" in html
+    assert doc["missing_metrics"] == ["probing.nope"] and "probing.nope" in html
+    assert {r["metric"] for r in doc["intervals"]} == {"probing.best_accuracy",
+                                                       "probing.cv_accuracy"}
     # the interval at resid_post has one seed left (the other failed): no interval
     iv = {(r["metric"], r["x_label"]): r for r in doc["intervals"]}
     assert iv[("probing.best_accuracy", "resid_post")]["n_seeds"] == 1

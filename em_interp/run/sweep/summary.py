@@ -239,13 +239,15 @@ def write_summary(out: Path, spec: SweepSpec, records: list[dict], *, backend: s
     import em_interp
 
     summary = summarize(records, list(spec.axes), spec.metrics)
+    have = set().union(*(r["headline"] for r in records))
+    missing = [m for m in spec.metrics if m not in have and not m.startswith("block_em.")]
     counts = {s: sum(r["status"] == s for r in records)
               for s in ("finished", "cached", "failed", "pending")}
     doc = {"source": spec.source, "base": spec.base, "axes": json_safe(spec.axes),
            "set": json_safe(spec.overrides), "seed_keys": list(spec.seed_keys),
            "resources": dataclasses.asdict(spec.resources), "backend": backend,
            "em_interp": em_interp.__version__, "seconds": round(seconds, 2), "counts": counts,
-           "points": records, **summary.to_dict(),
+           "missing_metrics": missing, "points": records, **summary.to_dict(),
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     sweep_json = out / "sweep.json"
     atomic_write_text(sweep_json, json.dumps(json_safe(doc), indent=1))
@@ -276,6 +278,9 @@ def _html(doc: dict, summary: SweepSummary) -> str:
                                              div_id=f"sweep-fig{i}", default_width="100%",
                                              default_height="420px") + "</figure>")
     c = doc["counts"]
+    missing = (f"<p class='failed'>[sweep].metrics names {', '.join(doc['missing_metrics'])}, "
+               "which no finished point reports (see a point's results.json for the keys)."
+               "</p>" if doc["missing_metrics"] else "")
     failed = (f"<p class='failed'>{c['failed']} point(s) failed every attempt; they are listed "
               "below with their errors and left out of the plots. Rerun the sweep to retry "
               "them (finished points are not recomputed).</p>" if c["failed"] else "")
@@ -293,7 +298,7 @@ em-interp {doc['em_interp']}</p>
 <p>Each curve: the mean over the points at each axis value (other axes fixed) with its
 {summary.confidence:.0%} percentile cluster-bootstrap interval, seeds as clusters; grey: one point
 per seed. With few seeds the interval is approximate (3 seeds give 10 distinct resamples).</p>
-{failed}
+{failed}{missing}
 <table><tr><th>#</th><th>axes</th><th>status</th><th>attempts</th><th>seconds</th>
 <th>run folder</th><th>error</th></tr>{rows}</table>
 {''.join(figs) or '<p>No finished points with numbers to plot.</p>'}
