@@ -49,6 +49,7 @@ def _write(tmp_path, axes: str, extra: str = "", head: str = "") -> str:
     ("seed = []", "", "non-empty list"),
     ("seed = 3", "", "non-empty list"),
     ("seed = [0]", "retries = -1", "retries"),
+    ('seed = [0]\n"run.seed" = [1]', "", "names 'seed' twice"),
     ("seed = [0]", "colour = 1", "unknown key(s) ['colour'] in [sweep]"),
     ("seed = [0]", 'seed_keys = ["block_em.seed"]', "did you mean 'block_em.seeds'"),
 ])
@@ -128,6 +129,9 @@ def test_axes_expand_into_the_product_in_file_order(tmp_path):
         assert p.config.probing.n_prompts == 40 and p.config.block_em.max_steps == 1
         assert p.config.card == "tiny-random-llama" and p.config.probing.layers == [1, 2]
     assert len({p.key for p in pts}) == 6
+    # "run.seed" is the seed axis under its long name
+    long = SweepSpec.from_toml(_write(tmp_path, '"run.seed" = [0, 1]'))
+    assert list(long.axes) == ["seed"] and [p.seed for p in long.points()] == [0, 1]
     # the same grid written in another order has the same point folders
     other = SweepSpec.from_toml(_write(
         tmp_path, '"probing.hook" = ["resid_post", "mlp_post"]\nseed = [2, 1, 0]',

@@ -164,7 +164,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, backend: Backend = "local
                 say(f"point {p.index} ({p.label}): finished in {st['seconds']:.1f} s")
             else:
                 failed.append(p)
-                more = " ; retrying" if attempt < retries else ""
+                more = "; retrying" if attempt < retries else ""
                 say(f"point {p.index} ({p.label}): attempt {st['attempts']} failed: "
                     f"{st['error']}{more}")
             snapshot()

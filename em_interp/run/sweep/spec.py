@@ -164,7 +164,11 @@ class SweepSpec:
             raise ConfigError(f"{source}: [sweep].retries = {retries!r} must be a whole number "
                               ">= 0 (extra attempts of a failed point).")
         axes = {}
+        short = {v: k for k, v in SHORT_KEYS.items()}  # "run.seed" is the seed axis too
         for k, v in _table(data, "axes", source).items():
+            k = short.get(k, k)
+            if k in axes:
+                raise ConfigError(f"{source}: [axes] names {k!r} twice; give one list.")
             if not isinstance(v, list) or not v:
                 raise ConfigError(f"{source}: [axes].{k!r} must be a non-empty list of the "
                                   f"values it takes, e.g. {k!r} = [0, 1, 2].")
