@@ -1,4 +1,4 @@
-"""Command line: ``em-interp demo``, ``run``, ``plan``, ``report``, ``lens`` and ``models list|info|fetch``.
+"""Command line: ``em-interp demo``, ``run``, ``plan``, ``sweep``, ``report``, ``lens`` and ``models list|info|fetch``.
 
     em-interp demo                      # the whole story on the embedded default, with a report
     em-interp demo --quick              # the same at a few minutes' size
@@ -6,6 +6,7 @@
     em-interp run my.toml --force patching     # rerun one stage (and those reading it)
     em-interp plan qwen-paper --gpus 2 --gpu-mem 80GiB   # per-stage memory and disk
     em-interp report runs/qwen          # rebuild report.html from a run folder
+    em-interp sweep quick-cpu --out sweeps/q [--backend ray]   # a grid of runs (docs/sweeps.md)
     em-interp lens "Should I ...?"      # logit lens of one chat prompt
     em-interp models list
     em-interp models info smollm2-135m-instruct
@@ -172,6 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--list", action="store_true", help="list the shipped example configs")
     _run_options(run, out_default=None)
     run.set_defaults(func=_cmd_run)
+    sweep = sub.add_parser(
+        "sweep", help="a grid of runs (cards x seeds x config values), local or on Ray",
+        description="Run every point of SWEEP (a .toml sweep file or a shipped example), each an "
+                    "ordinary run in DIR/points/<key>/, then write DIR/sweep.json and "
+                    "DIR/sweep.html. A rerun skips finished points (see docs/sweeps.md).")
+    sweep.add_argument("sweep", nargs="?", help="a sweep .toml file or a shipped example's name")
+    sweep.add_argument("--list", action="store_true", help="list the shipped example sweeps")
+    sweep.add_argument("--out", default=None, help="sweep folder (default: sweeps/<name>)")
+    sweep.add_argument("--backend", choices=("local", "ray"), default="local",
+                       help="local: one point after another in this process; ray: Ray tasks "
+                            "(pip install 'em-interp[sweep]')")
+    sweep.add_argument("--address", default=None,
+                       help="Ray: an existing cluster's address (default: a local instance)")
+    sweep.add_argument("--retries", type=int, default=None,
+                       help="extra attempts of a failed point (default: the file's, else 1)")
+    sweep.add_argument("--no-plan-check", action="store_true",
+                       help="start even when a point's memory plan says it does not fit")
+    sweep.set_defaults(func=_cmd_sweep)
     plan = sub.add_parser("plan", help="per-stage peak memory and disk of a run config",
                           description="Predict, per stage of CONFIG, the peak memory (weights, "
                                       "activations, KV cache, SAE and optimizer state) and the "
@@ -297,6 +316,34 @@ def _cmd_run(args) -> int:
     if args.out is None:
         args.out = f"runs/{Path(args.config).stem}"
     return _execute(cfg, args)
+
+
+def _cmd_sweep(args) -> int:
+    from em_interp.errors import ConfigError
+    from em_interp.run.sweep import SweepSpec, list_sweeps, run_sweep
+    from em_interp.run.sweep.spec import SWEEP_DIR
+
+    if args.list:
+        for name in list_sweeps():
+            first = (SWEEP_DIR / f"{name}.toml").read_text().splitlines()[0].lstrip("# ")
+            print(f"{name:<20} {first}")
+        return 0
+    if not args.sweep:
+        raise ConfigError("give a sweep: a .toml file or one of " + ", ".join(list_sweeps())
+                          + " (em-interp sweep --list).")
+    spec = SweepSpec.from_toml(args.sweep)
+    out = args.out or f"sweeps/{Path(args.sweep).stem}"
+    outcome = run_sweep(spec, out, backend=args.backend, address=args.address,
+                        retries=args.retries, on_event=print,
+                        plan_check=not args.no_plan_check)
+    c = json.loads(outcome.sweep_json.read_text())["counts"]
+    print(f"\n{len(outcome.points)} points: {c['finished']} run now, {c['cached']} finished "
+          f"earlier, {c['failed']} failed; {outcome.seconds:.1f} s")
+    for p in outcome.failed:
+        print(f"failed: point {p['index']} ({p['label']}) after {p['attempts']} attempt(s): "
+              f"{p['error']}")
+    print(f"wrote {outcome.sweep_json} and {outcome.sweep_html}")
+    return 1 if outcome.failed else 0
 
 
 def _cmd_plan(args) -> int:
