@@ -297,3 +297,16 @@ def test_em_vs_refusal_headline_is_corrected_across_layers():
     assert 7 in res.significant_layers()
     assert res.to_dict()["significant_layers"] == res.significant_layers()
     assert "p_shuffled_fwer" in res.df.columns
+
+
+def test_em_vs_refusal_layers_the_fine_tune_left_unchanged_have_no_cosine():
+    # a LoRA on the upper layers only: below them organism == base, the EM direction is zero
+    base, org, labels, _ = _planted_layers()
+    org = [b.clone() if layer < 3 else o for layer, (b, o) in enumerate(zip(base, org))]
+    res = em_vs_refusal(base, org, labels, n_null=100, seed=0, progress=False)
+    d = res.to_dict()
+    assert torch.isnan(res.cosine[:3]).all() and not torch.isnan(res.cosine[3:]).any()
+    assert d["n_undefined"] == 3
+    assert d["max_abs_cosine_layer"] in (3, 4, 5)
+    assert d["max_abs_cosine"] == pytest.approx(float(res.cosine[3:].abs().max()))
+    assert d["significant_layers"] == [3, 4, 5]

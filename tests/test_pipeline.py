@@ -27,7 +27,8 @@ TINY = {
     "introspection": {"n_prompts": 32, "n_null": 20},
     "patching": {"k_pairs": 2, "head_layers": 1},
     "dla": {"n_prompts": 4, "tokens": ["No", "Yes"]},
-    "asr": {"n_prompts": 4, "n_reference": 4, "max_new_tokens": 4},
+    "asr": {"n_prompts": 4, "n_reference": 4, "max_new_tokens": 4,
+            "models": ["base", "organism"]},
     "sae": {"training_tokens": 4096, "expansion": 2, "n_prompts": 16, "train_prompts": 48},
     "block_em": {"n_prompts": 6, "n_ab_pairs": 4, "n_candidates": 3, "k_latents": 2,
                  "grid": [0.0, 0.5], "max_steps": 2, "n_examples": 8, "eval_pairs": 6},
@@ -132,6 +133,34 @@ def test_selecting_stages_record_disjoint_fit_and_evaluated_prompts(tiny_run):
     assert sum(" · control " in c for c in conditions) == 2 * 2  # 2 random + 2 orthogonal
     assert all(c["p_holm"] is None or 0 <= c["p_holm"] <= 1 for c in conditions.values()
                if c["control_of"] is None)
+
+
+def test_asr_attacks_base_and_organism_and_tests_them_paired(tiny_run):
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    _, out, _ = tiny_run
+    saved = json.loads((out / "results.json").read_text())["asr"]
+    assert saved["models"] == ["base", "organism"]
+    org = load_result(out / "stages" / "asr" / "results" / "asr")
+    base = load_result(out / "stages" / "asr" / "results" / "asr_base")
+    # the same conditions on both models, the base's built on the base model
+    assert set(saved["per_model"]["base"]["conditions"]) == set(saved["conditions"])
+
+    def ok(res):
+        d = res.completions
+        return d[d["condition"] == "baseline"].sort_values("prompt_index")["success"].to_numpy()
+
+    a, b = ok(org), ok(base)
+    assert list(org.completions.query("condition == 'baseline'").sort_values("prompt_index")[
+        "prompt"]) == list(base.completions.query("condition == 'baseline'").sort_values(
+            "prompt_index")["prompt"])
+    cmp = saved["organism_vs_base"]
+    assert cmp["asr_organism"] == pytest.approx(a.mean())
+    assert cmp["asr_base"] == pytest.approx(b.mean())
+    assert cmp["difference"] == pytest.approx(a.mean() - b.mean())
+    table = [[int((a & b).sum()), int((a & ~b).sum())], [int((~a & b).sum()), int((~a & ~b).sum())]]
+    assert cmp["p_value"] == pytest.approx(mcnemar(table, exact=True).pvalue)
+    assert (cmp["organism_only"], cmp["base_only"]) == (table[0][1], table[1][0])
 
 
 def test_report_tables_hold_no_python_reprs(tiny_run):
@@ -279,6 +308,9 @@ def test_bad_keys_hooks_stages_sets_and_cards():
         _cfg(patching={"k_pairs": "many"})
     with pytest.raises(ConfigError, match="needs model and base_url"):
         _cfg(asr={"judge": {"kind": "openai"}})
+    for bad in ([], ["organism", "organism"], ["base", "tuned"]):
+        with pytest.raises(ConfigError, match=r"\[asr\]\.models"):
+            _cfg(asr={"models": bad})
     with pytest.raises(ConfigError, match="has no organism"):
         RunConfig.from_dict({"run": {"card": "smollm2-135m-instruct"}}).validate()
     with pytest.raises(UnknownCardError):

@@ -184,8 +184,10 @@ class EMvsRefusalResult(Result):
                 if p < alpha]
 
     def to_dict(self) -> dict:
-        """Per-layer cosines, bands and p-values; the layer of the largest cosine."""
-        i = int(self.cosine.abs().argmax())
+        """Per-layer cosines, bands and p-values; the layer of the largest defined cosine (a
+        layer the fine-tune left unchanged has a zero EM direction and an undefined cosine)."""
+        defined = ~torch.isnan(self.cosine)
+        i = int(self.cosine.abs().nan_to_num(nan=-1.0).argmax()) if defined.any() else None
         outside_random = ((self.cosine < self.random_lo) | (self.cosine > self.random_hi))
         return {"layers": self.layers, "cosine": self.cosine.tolist(),
                 "p_shuffled_fwer": self.p_shuffled_fwer.tolist(),
@@ -193,8 +195,10 @@ class EMvsRefusalResult(Result):
                 "n_outside_random_band": int(outside_random.sum()),
                 "random_band": [self.random_lo.tolist(), self.random_hi.tolist()],
                 "shuffled_band": [self.shuffled_lo.tolist(), self.shuffled_hi.tolist()],
-                "p_shuffled": self.p_shuffled.tolist(), "max_abs_cosine_layer": self.layers[i],
-                "max_abs_cosine": float(self.cosine[i]), "n_null": self.n_null,
+                "p_shuffled": self.p_shuffled.tolist(),
+                "max_abs_cosine_layer": None if i is None else self.layers[i],
+                "max_abs_cosine": None if i is None else float(self.cosine[i]),
+                "n_undefined": int((~defined).sum()), "n_null": self.n_null,
                 "ci": self.ci, "seed": self.seed,
                 "proj_shift": (self.proj_organism - self.proj_base).mean(1).tolist()}
 

@@ -165,6 +165,10 @@ class ASRStageConfig:
     n_controls: int = 2
     """Same-norm control directions of each kind (random, orthogonal) ablated beside the
     refusal direction (>= 1)."""
+    models: list[str] = field(default_factory=lambda: ["organism"])
+    """The models attacked: ``organism`` and/or ``base``. With both, the organism's unmodified
+    ASR is also tested against the base model's on the same requests (paired), and the
+    ablations are read in the base model too, which still refuses when the organism does not."""
     judge: JudgeStageConfig = field(default_factory=JudgeStageConfig)
 
 
@@ -389,6 +393,11 @@ class RunConfig:
             raise ConfigError(f"{self.source}: [asr].n_controls = {self.asr.n_controls} must be "
                               ">= 1: the refusal-direction ablation is read against its "
                               "same-norm controls (1 gives one random and one orthogonal).")
+        am = self.asr.models
+        if (not isinstance(am, list) or not am or len(set(am)) != len(am)
+                or any(m not in ("base", "organism") for m in am)):
+            raise ConfigError(f"{self.source}: [asr].models = {am!r}; use [\"organism\"], "
+                              "[\"base\"] or [\"base\", \"organism\"].")
         if len(self.dla.tokens) != 2:
             raise ConfigError(f"{self.source}: [dla].tokens must be two words (refusal, "
                               f"compliance), got {self.dla.tokens!r}.")

@@ -18,7 +18,7 @@ block_em          latent discovery (AB metric); blocked vs unblocked fine-tune s
 from __future__ import annotations
 
 from em_interp.run.stage import Stage
-from em_interp.run.stages import paper, refusal, sae_block_em
+from em_interp.run.stages import asr, paper, refusal, sae_block_em
 
 STAGES: dict[str, Stage] = {
     "probing": Stage("probing", "Probing (Experiment 1)", paper.probing),
@@ -29,7 +29,7 @@ STAGES: dict[str, Stage] = {
     "patching": Stage("patching", "Activation patching", paper.patching,
                       reads=("introspection",)),
     "dla": Stage("dla", "Direct logit attribution and logit lens", paper.dla),
-    "asr": Stage("asr", "Attack-success rate under ablation", paper.asr,
+    "asr": Stage("asr", "Attack-success rate under ablation", asr.asr,
                  reads=("dla", "refusal_direction")),
     "sae": Stage("sae", "A sparse autoencoder on a late layer", sae_block_em.sae),
     "block_em": Stage("block_em", "BLOCK-EM", sae_block_em.block_em, reads=("sae",)),

@@ -1,4 +1,6 @@
-"""The Qwen introspection paper's analyses as run stages: probing, introspection, patching, dla, asr.
+"""The Qwen introspection paper's analyses as run stages: probing, introspection, patching, dla.
+
+(The attack-success-rate stage is :mod:`em_interp.run.stages.asr`.)
 
 Each function takes the run's :class:`~em_interp.run.pipeline.RunContext` and returns a
 :class:`~em_interp.run.pipeline.StageOutput`: the results (saved by the pipeline), plotly figures
@@ -19,8 +21,6 @@ introspection refusal vector + Procrustes on the train split;         the test s
 patching      layer sweeps on the fit half of the test split's       the held-out half
               prompts (choose the head layers)
 dla           heads ranked on train-split harmful prompts            test-split harmful prompts
-asr           dla's heads; refusal direction and mean-ablation       test-split harmful
-              values on the train split                              requests
 ============= ====================================================== =========================
 """
 
@@ -34,7 +34,6 @@ from em_interp.run.stages.common import (
     hook_name,
     hook_template,
     layer_list,
-    make_judge,
     prompt_set,
 )
 
@@ -201,7 +200,7 @@ def introspection(ctx) -> StageOutput:
                                  "n_layers": len(e["layers"]),
                                  **{k: e[k] for k in ("max_abs_cosine", "max_abs_cosine_layer",
                                                       "n_outside_random_band", "n_null",
-                                                      "layers", "cosine", "p_shuffled_fwer",
+                                                      "n_undefined", "layers", "cosine", "p_shuffled_fwer",
                                                       "proj_shift")}},
                "layers_outside_random_band": e["n_outside_random_band"]}
     sel_txt = ""
@@ -245,8 +244,13 @@ def introspection(ctx) -> StageOutput:
             f"'{c.refusal_set}' prompts) against the refusal direction (harmful minus harmless "
             f"in the base), at resid_post of every layer: the cosine lies outside the "
             f"label-shuffled null ({c.n_null} shuffles, max statistic over layers, p < 0.05) at "
-            f"{sig_txt}; the largest |cosine| is {e['max_abs_cosine']:.3f} at layer "
-            f"{e['max_abs_cosine_layer']}. Secondary, weaker null: {e['n_outside_random_band']} "
+            f"{sig_txt}; "
+            + ("no layer has a defined cosine" if e["max_abs_cosine"] is None else
+               f"the largest |cosine| is {e['max_abs_cosine']:.3f} at layer "
+               f"{e['max_abs_cosine_layer']}")
+            + (f" ({e['n_undefined']} layers the fine-tune left unchanged have a zero EM "
+               "direction and no cosine)" if e.get("n_undefined") else "")
+            + f". Secondary, weaker null: {e['n_outside_random_band']} "
             f"layers fall outside the 95% band of {c.n_null} random Gaussian directions (any "
             f"two activation-derived directions tend to, activation space being anisotropic)."
             + sel_txt)
@@ -585,151 +589,3 @@ def dla(ctx) -> StageOutput:
                  ("logit_lens", lens.figure(), "Held-out prompts, logit lens: mean probability "
                   "of the tracked tokens per layer, as is and with the suppressive heads "
                   "zeroed.")])
-
-
-def direction_layer(value: int | None, n_layers: int) -> int:
-    """``[asr].direction_layer`` as a block index: negatives count from the end; ``None`` is two
-    thirds of the depth."""
-    return round(2 * n_layers / 3) % n_layers if value is None else int(value) % n_layers
-
-
-def asr(ctx) -> StageOutput:
-    """Attack-success rate of held-out harmful requests under zero, mean and random head
-    ablation and under ablation of the organism's refusal direction (with same-norm controls).
-
-    Fit: the heads (the dla stage, on train-split prompts), the refusal direction and the
-    mean-ablation values (train split). Evaluated: generations on test-split harmful requests."""
-    import math
-
-    import pandas as pd
-
-    from em_interp.activations.cache import cache_activations
-    from em_interp.behaviour.interventions import ablate_direction, ablate_heads, random_heads
-    from em_interp.behaviour.rates import attack_success_rate
-    from em_interp.representations.directions import mean_difference
-    from em_interp.stats import min_detectable_effect
-
-    c, org, bs = ctx.config.asr, ctx.pair.organism, ctx.config.batch_size
-    n_layers = org.model.cfg.n_layers
-    head_fit: list[str] = []
-    if c.heads:
-        heads = [(int(la) % n_layers, int(h)) for la, h in c.heads]
-        origin = "the config"
-    else:
-        info = ctx.stage_info("dla")
-        heads = [(int(la), int(h)) for la, h, _ in info["summary"]["suppressive_heads"]]
-        head_fit = list((info.get("held_out") or {}).get("fit", []))
-        origin = (f"the dla stage's most suppressive heads, chosen on {len(set(head_fit))} "
-                  "train-split prompts")
-    attack = prompt_set(ctx, c.prompt_set, c.n_prompts, label=1, split="test")
-    reference = prompt_set(ctx, c.prompt_set, c.n_reference, split="train")
-    if "refusal_direction" in ctx.config.stages:
-        # the refusal_direction stage's: chosen by Arditi et al.'s criteria on its own splits
-        sel = ctx.stage_result("refusal_direction", "selection")
-        direction, d_layer = sel.direction, sel.layer
-        d_hook = direction.hook
-        d_fit = list(sel.fit_ids) + list(sel.validation_ids)
-        d_origin = (f"the refusal_direction stage's direction ({ctx.config.refusal_direction.model}"
-                    f" model, harmful minus harmless mean at {d_hook} over {direction.n_a} + "
-                    f"{direction.n_b} train-split prompts, its layer chosen on "
-                    f"{len(sel.validation_ids)} others)")
-    else:
-        # the organism's harmful minus harmless mean at resid_pre, train split
-        d_layer = direction_layer(c.direction_layer, n_layers)
-        d_hook = hook_name("resid_pre", d_layer)
-        d_prompts = prompt_set(ctx, c.prompt_set, split="train")
-        d_store = cache_activations(org, d_prompts, [d_hook], ctx.work_dir("asr") / "direction",
-                                    batch_size=bs, progress=ctx.progress)
-        direction = mean_difference(d_store, hook=d_hook, name="refusal")
-        d_fit = d_prompts.ids
-        d_origin = (f"the organism's harmful-minus-harmless mean at {d_hook} over "
-                    f"{direction.n_a} + {direction.n_b} train-split prompts")
-    tag = ", ".join(f"L{la}H{h}" for la, h in heads)
-    layers = sorted({la for la, _ in heads})
-    d_name = f"refusal direction (L{d_layer})"
-    conditions = {
-        "baseline": None,
-        f"zero {tag}": ablate_heads(org, heads, batch_size=bs),
-        f"mean {tag}": ablate_heads(org, heads, mode="mean", reference=reference, batch_size=bs),
-        f"random {len(heads)} (mean)": random_heads(
-            org, len(heads), seed=ctx.config.seed, exclude=heads, layers=layers, mode="mean",
-            reference=reference, batch_size=bs),
-        d_name: ablate_direction(org, direction.vector, controls=("random", "orthogonal"),
-                                 n_controls=c.n_controls, control_seed=ctx.config.seed),
-    }
-    judge = make_judge(c.judge, cache_dir=ctx.work_dir("asr") / "judge")
-    res = attack_success_rate(org, attack, judge, conditions=conditions,
-                              max_new_tokens=c.max_new_tokens, seed=ctx.config.seed,
-                              batch_size=bs, out_dir=ctx.work_dir("asr") / "generations",
-                              progress=ctx.progress)
-    d = res.to_dict()
-    tab = res.summary
-    tested = tab[tab["condition"] != d["baseline"]]
-    sig = tested[tested["p_holm"] < 0.05]
-    widths = ((tested["diff_ci_high"] - tested["diff_ci_low"]) / 2).dropna()
-    mde = (min_detectable_effect(half_width=float(widths.max())) if len(widths) else None)
-    ctl = res.controls
-    crow = ctl[ctl["condition"] == d_name]
-    beats = bool(crow["beats_all_controls"].iloc[0]) if len(crow) else None
-
-    def cond_txt(row) -> str:
-        out = (f"{row.condition}: ASR {row.asr:.2f} {fmt_ci(row.ci_low, row.ci_high)}, "
-               f"refusal {row.refusal_rate:.2f}")
-        if row.condition != d["baseline"]:
-            p = row.p_holm
-            out += (f", {row.diff_vs_baseline:+.2f} {fmt_ci(row.diff_ci_low, row.diff_ci_high)}"
-                    + ("" if p is None or math.isnan(p) else f", p_Holm = {p:.2g}"))
-        return out
-
-    main_rows = [r for r in tab.itertuples() if not r.control_of]
-    text = (f"{len(attack)} held-out harmful requests (test split), greedy completions of "
-            f"{c.max_new_tokens} tokens from the organism, judged by {d['judge']}; attack "
-            f"success = the answer is not a refusal. Heads ablated: {tag} (from {origin}); mean "
-            f"ablation uses the mean over {len(reference)} train-split reference prompts; the "
-            f"random control ablates as many other heads of the same layers. The refusal "
-            f"direction is {d_origin}, removed from the residual "
-            f"stream and from every write into it at every layer, beside {2 * c.n_controls} "
-            f"same-norm controls ({c.n_controls} random, {c.n_controls} orthogonal). ASR and "
-            f"refusal rate with Wilson 95% intervals; the difference from the baseline with its "
-            f"paired 95% interval and the exact McNemar p-value, Holm-adjusted across the "
-            f"{len(tested)} conditions: " + "; ".join(cond_txt(r) for r in main_rows) + ". ")
-    if len(crow):
-        r = crow.iloc[0]
-        text += (f"Against its controls the direction's change in ASR ({r['diff_vs_baseline']:+.2f}"
-                 f") {'exceeds' if beats else 'does not exceed'} every control's in size "
-                 f"(controls {r['control_diff_min']:+.2f} to {r['control_diff_max']:+.2f}; rank "
-                 f"p = {r['p_rank']:.2g}). ")
-    if len(sig):
-        text += (f"Significant after Holm: {', '.join(sig['condition'])}.")
-    elif mde is not None:
-        text += (f"No condition differs from the baseline after Holm: a null at this size. With "
-                 f"{len(attack)} prompts the run would detect (power 0.8, alpha 0.05) a change "
-                 f"in ASR of about {mde:.2f} at its least precise condition, not smaller ones.")
-    table = pd.DataFrame({
-        "condition": tab["condition"],
-        "ASR": tab["asr"], "ASR 95% CI": [fmt_ci(lo, hi) for lo, hi in
-                                          zip(tab["ci_low"], tab["ci_high"], strict=True)],
-        "refusal rate": tab["refusal_rate"],
-        "difference vs baseline": tab["diff_vs_baseline"],
-        "difference 95% CI": [None if math.isnan(lo) else fmt_ci(lo, hi) for lo, hi in
-                              zip(tab["diff_ci_low"], tab["diff_ci_high"], strict=True)],
-        "p (Holm)": tab["p_holm"]})
-    summary = {"heads": heads, "direction_layer": d_layer, "direction_hook": d_hook,
-               "n_attack": len(attack), "n_significant": len(sig),
-               "min_detectable_difference": mde, "direction_beats_controls": beats, **d}
-    fit_ids = head_fit + list(d_fit) + reference.ids
-    held = HeldOut.of(fit_ids, attack,
-                      ("train-split prompts: the dla stage's heads, " if head_fit
-                       else "train-split prompts (heads from the config): ")
-                      + f"the refusal direction ({len(set(d_fit))}) and mean-ablation values "
-                      f"({len(reference)})",
-                      "harmful test-split requests, one completion per condition")
-    return StageOutput(
-        title="Attack-success rate under head and direction ablation", summary=summary,
-        text=text, results={"asr": res, "refusal_direction": direction},
-        tables=[("Attack-success rate per condition (Wilson 95% intervals), refusal rate, "
-                 "paired difference from the baseline (95% interval) and exact McNemar p, "
-                 "Holm-adjusted across conditions", table)],
-        held_out=held,
-        figures=[("asr", res.figure(), "Attack-success rate per condition with Wilson 95% "
-                  "intervals and Holm-adjusted paired p-values; control directions in grey.")])
