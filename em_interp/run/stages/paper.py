@@ -242,7 +242,8 @@ def introspection(ctx) -> StageOutput:
             f"{i['n_benign']}.\n"
             f"EM direction (organism minus base mean activation on {len(harm)} "
             f"'{c.refusal_set}' prompts) against the refusal direction (harmful minus harmless "
-            f"in the base), at resid_post of every layer: the cosine lies outside the "
+            f"in the base), at {kind} of layers {resid[0].split('.')[1]}-{n_layers - 1}: the "
+            f"cosine lies outside the "
             f"label-shuffled null ({c.n_null} shuffles, max statistic over layers, p < 0.05) at "
             f"{sig_txt}; "
             + ("no layer has a defined cosine" if e["max_abs_cosine"] is None else
