@@ -308,6 +308,9 @@ def test_bad_keys_hooks_stages_sets_and_cards():
         _cfg(patching={"k_pairs": "many"})
     with pytest.raises(ConfigError, match="needs model and base_url"):
         _cfg(asr={"judge": {"kind": "openai"}})
+    with pytest.raises(ConfigError, match=r"add \"dla\" to \[run\]\.stages"):
+        _cfg(run={"stages": ["asr"]})
+    _cfg(run={"stages": ["asr"]}, asr={"heads": [[1, 0]]})
     for bad in ([], ["organism", "organism"], ["base", "tuned"]):
         with pytest.raises(ConfigError, match=r"\[asr\]\.models"):
             _cfg(asr={"models": bad})

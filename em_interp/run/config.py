@@ -393,6 +393,10 @@ class RunConfig:
             raise ConfigError(f"{self.source}: [asr].n_controls = {self.asr.n_controls} must be "
                               ">= 1: the refusal-direction ablation is read against its "
                               "same-norm controls (1 gives one random and one orthogonal).")
+        if "asr" in self.stages and not self.asr.heads and "dla" not in self.stages:
+            raise ConfigError(f"{self.source}: the asr stage ablates the heads the dla stage "
+                              "finds; add \"dla\" to [run].stages, or name the heads in "
+                              "[asr].heads = [[layer, head], ...].")
         am = self.asr.models
         if (not isinstance(am, list) or not am or len(set(am)) != len(am)
                 or any(m not in ("base", "organism") for m in am)):
