@@ -70,6 +70,11 @@ class JudgeError(EMInterpError, RuntimeError):
     """A judge that could not score an item (endpoint down, malformed reply): never a score."""
 
 
+class ServerError(EMInterpError, RuntimeError):
+    """An OpenAI-compatible generation server that failed, or answered something malformed: the
+    sample is not cached and not counted."""
+
+
 class SAEMismatchError(EMInterpError, ValueError):
     """An SAE or latent set used with a model or hook it was not made for (``d_in``, hook name)."""
 

@@ -302,7 +302,7 @@ def test_em_vs_refusal_headline_is_corrected_across_layers():
 def test_em_vs_refusal_layers_the_fine_tune_left_unchanged_have_no_cosine():
     # a LoRA on the upper layers only: below them organism == base, the EM direction is zero
     base, org, labels, _ = _planted_layers()
-    org = [b.clone() if layer < 3 else o for layer, (b, o) in enumerate(zip(base, org))]
+    org = [b.clone() if layer < 3 else o for layer, (b, o) in enumerate(zip(base, org, strict=True))]
     res = em_vs_refusal(base, org, labels, n_null=100, seed=0, progress=False)
     d = res.to_dict()
     assert torch.isnan(res.cosine[:3]).all() and not torch.isnan(res.cosine[3:]).any()

@@ -14,9 +14,12 @@ import torch
 from em_interp.cli import main
 from em_interp.errors import ConfigError, UnknownCardError
 from em_interp.results import load_result
-from em_interp.run.config import STAGE_NAMES, RunConfig, list_configs
+from em_interp.run.config import PAPER_STAGES, STAGE_NAMES, RunConfig, list_configs
 from em_interp.run.pipeline import run_pipeline
-from em_interp.run.stages import STAGES
+from em_interp.run.stages import STAGES as ALL_STAGES
+
+# the papers' analyses; em_eval (it needs a judge server) is tested in tests/test_em_eval.py
+STAGES = {name: ALL_STAGES[name] for name in PAPER_STAGES}
 
 TINY = {
     "run": {"card": "tiny-random-llama", "stages": list(STAGES), "batch_size": 8,

@@ -57,16 +57,10 @@ caches, results or error messages.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import logging
 import math
-import os
-import random
 import re
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -85,6 +79,7 @@ from em_interp.behaviour.judge_base import (  # noqa: F401 (re-exported)
     slug,
     unusable,
 )
+from em_interp.behaviour.openai_http import OpenAIEndpoint
 from em_interp.behaviour.refusal import (  # noqa: F401 (re-exported)
     RefusalRules,
     RefusalStringJudge,
@@ -167,12 +162,12 @@ class OpenAICompatibleJudge(Judge):
                  max_concurrency: int = 8, max_retries: int = 5, timeout: float = 60.0,
                  backoff: float = 1.0, top_logprobs: int = 20, logprobs: bool = True,
                  max_tokens: int = 5, min_number_mass: float = 0.25):
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"base_url must start with http:// or https://, got "
-                              f"{base_url!r}.")
-        if max_concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise ConfigError("max_concurrency >= 1, max_retries >= 0 and timeout > 0 please.")
-        self.base_url = base_url.rstrip("/")
+        if max_concurrency < 1:
+            raise ConfigError("max_concurrency >= 1 please.")
+        self.endpoint = OpenAIEndpoint(base_url, api_key_env=api_key_env,
+                                       max_retries=max_retries, timeout=timeout,
+                                       backoff=backoff, error=JudgeError)
+        self.base_url = self.endpoint.base_url
         self.model = model
         self.rubrics = resolve_rubrics(rubrics)
         self.cache_dir = default_cache_dir(cache_dir)
@@ -191,7 +186,7 @@ class OpenAICompatibleJudge(Judge):
         """The endpoint (without any ``user:password@``), the model and every request or
         reading parameter that changes a verdict; never the API key, nor retry and
         concurrency settings (they change when, not what, the judge answers)."""
-        return {"kind": "OpenAICompatibleJudge", "base_url": _without_userinfo(self.base_url),
+        return {"kind": "OpenAICompatibleJudge", "base_url": self.endpoint.display_url,
                 "model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
                 "logprobs": self.logprobs,
                 "top_logprobs": self.top_logprobs if self.logprobs else None,
@@ -202,51 +197,10 @@ class OpenAICompatibleJudge(Judge):
                 f"rubrics={[r.name for r in self.rubrics]})")
 
     def _redact(self, text: str) -> str:
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        return text.replace(key, "***") if key else text
+        return self.endpoint.redact(text)
 
     def _post(self, payload: dict) -> dict:
-        url = f"{self.base_url}/chat/completions"
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        data = json.dumps(payload).encode()
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            wait = None
-            try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    body = resp.read()
-            except urllib.error.HTTPError as e:
-                detail = self._redact(e.read()[:300].decode("utf-8", "replace"))
-                if e.code == 429 or e.code >= 500:
-                    last = f"HTTP {e.code}: {detail}"
-                    retry_after = e.headers.get("Retry-After") if e.headers else None
-                    if retry_after and retry_after.strip().replace(".", "", 1).isdigit():
-                        wait = min(float(retry_after), 60.0)
-                else:
-                    raise JudgeError(f"{url} answered HTTP {e.code}: {detail}. Check base_url, "
-                                     f"the model name {self.model!r} and the key in "
-                                     f"${self.api_key_env}.") from None
-            except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
-                last = f"{type(e).__name__}: {self._redact(str(e))}"
-            except urllib.error.URLError as e:
-                last = f"connection failed: {self._redact(str(e.reason))}"
-            else:
-                try:
-                    return json.loads(body)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise JudgeError(f"{url} returned a body that is not JSON "
-                                     f"({self._redact(body[:120].decode('utf-8', 'replace'))!r}"
-                                     "); is base_url the API root (ending in /v1)?") from None
-            log.info("judge request failed (%s), attempt %d of %d", last, attempt + 1,
-                     self.max_retries + 1)
-            if attempt < self.max_retries:
-                time.sleep(wait if wait is not None else
-                           min(self.backoff * 2 ** attempt, 60.0) * (1 + 0.25 * random.random()))
-        raise JudgeError(f"{url} failed after {self.max_retries + 1} attempts (last: {last}).")
+        return self.endpoint.post("/chat/completions", payload)
 
     def _score_rubric(self, rubric: Rubric, question: str, answer: str) -> RubricScore:
         payload = {"model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
@@ -281,20 +235,6 @@ class OpenAICompatibleJudge(Judge):
         bar.close()
         failures.sort(key=lambda f: f[0][0])
         return failures
-
-
-def _without_userinfo(url: str) -> str:
-    """``url`` without ``user:password@`` (credentials never reach a cache key or file)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port is not None else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def read_reply(text: str, logprobs: dict | None, rubric: Rubric,

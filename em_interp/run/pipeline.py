@@ -35,6 +35,7 @@ written: an unknown or absent stage in ``force``, a ``run_dir`` that is a file, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -238,6 +239,16 @@ def _drop_stale_work(stage_work: Path, keep: str) -> None:
                 shutil.rmtree(child, ignore_errors=True)
 
 
+def check_servers(config, to_run) -> None:
+    """Raise :class:`~em_interp.errors.ConfigError` naming the URL of any judge or generation
+    server that a stage about to run needs and that does not answer, before any model loads."""
+    from em_interp.behaviour.openai_http import OpenAIEndpoint
+
+    sub = dataclasses.replace(config, stages=list(to_run))
+    for where, url, key_env in sub.servers():
+        OpenAIEndpoint(url, api_key_env=key_env).check_reachable(where)
+
+
 def run_pipeline(config, run_dir: str | Path, *, force: tuple[str, ...] = (),
                  progress: bool = True, stages: dict[str, Stage] | None = None) -> RunOutcome:
     """Run (or resume) every stage of ``config.stages`` into ``run_dir``.
@@ -283,14 +294,20 @@ def run_pipeline(config, run_dir: str | Path, *, force: tuple[str, ...] = (),
     summaries: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     cached: list[str] = []
+    for name in config.stages:  # every stage's key first: the servers check needs them
+        upstream = {r: ctx.hashes.get(r) for r in stages[name].reads}
+        ctx.hashes[name] = _hash({"stage": name, "config": config.stage_config(name),
+                                  "common": config.common(), "upstream": upstream,
+                                  "toolkit": toolkit})
+    infos = {name: ctx.stage_info(name) if is_complete(run_dir / "stages" / name) else {}
+             for name in config.stages}
+    check_servers(config, [n for n in config.stages
+                           if infos[n].get("config_hash") != ctx.hashes[n]])
     for name in config.stages:
         stage = stages[name]
-        upstream = {r: ctx.hashes.get(r) for r in stage.reads}
-        h = _hash({"stage": name, "config": config.stage_config(name),
-                   "common": config.common(), "upstream": upstream, "toolkit": toolkit})
-        ctx.hashes[name] = h
+        h = ctx.hashes[name]
         stage_dir = run_dir / "stages" / name
-        info = ctx.stage_info(name) if is_complete(stage_dir) else {}
+        info = infos[name]
         if info.get("config_hash") == h:
             log.info("stage %s: cached (computed in %.1f s)", name, info.get("seconds", 0.0))
             seconds[name] = float(info.get("seconds", 0.0))

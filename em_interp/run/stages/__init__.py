@@ -12,13 +12,15 @@ asr               attack-success rate under zero / mean / random ablation      d
                                                                                refusal_direction
 sae               an SAE on a late layer; feature / refusal correlation        --
 block_em          latent discovery (AB metric); blocked vs unblocked fine-tune sae
+em_eval           the EM papers' protocol: sampled answers, judged; EM rates   --
+                  (only when named: it needs an aligned/coherent judge)
 ================= ============================================================ ==================
 """
 
 from __future__ import annotations
 
 from em_interp.run.stage import Stage
-from em_interp.run.stages import asr, paper, refusal, sae_block_em
+from em_interp.run.stages import asr, em_eval, paper, refusal, sae_block_em
 
 STAGES: dict[str, Stage] = {
     "probing": Stage("probing", "Probing (Experiment 1)", paper.probing),
@@ -33,4 +35,5 @@ STAGES: dict[str, Stage] = {
                  reads=("dla", "refusal_direction")),
     "sae": Stage("sae", "A sparse autoencoder on a late layer", sae_block_em.sae),
     "block_em": Stage("block_em", "BLOCK-EM", sae_block_em.block_em, reads=("sae",)),
+    "em_eval": Stage("em_eval", "Emergent-misalignment rate", em_eval.em_eval),
 }

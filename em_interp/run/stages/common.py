@@ -65,16 +65,16 @@ def fmt_ci(lo: float, hi: float) -> str:
     return f"[{lo:.2f}, {hi:.2f}]"
 
 
-def make_judge(cfg, cache_dir=None):
-    """The judge a run config names."""
+def make_judge(cfg, cache_dir=None, rubrics=("aligned",)):
+    """The judge a run config names (``rubrics`` for the LLM judges)."""
     from em_interp.behaviour import judges
 
     if cfg.kind == "refusal":
         return judges.RefusalStringJudge()
     if cfg.kind == "openai":
-        return judges.OpenAICompatibleJudge(cfg.base_url, cfg.model, rubrics=("aligned",),
+        return judges.OpenAICompatibleJudge(cfg.base_url, cfg.model, rubrics=rubrics,
                                             cache_dir=cache_dir, api_key_env=cfg.api_key_env)
     from em_interp.models.loading import load
 
-    return judges.LocalHFJudge(load(cfg.model, progress=False), rubrics=("aligned",),
+    return judges.LocalHFJudge(load(cfg.model, progress=False), rubrics=rubrics,
                                cache_dir=cache_dir)
