@@ -127,6 +127,18 @@ def test_generation_kv_cache_grows_with_new_tokens():
     assert grown == per_token * (4096 - 128)
 
 
+def test_em_eval_loads_nothing_when_served_and_the_pair_plus_judge_when_local():
+    served = plan_run(RunConfig.from_toml("em-eval"), gpus=0)
+    (row,) = served.stage_plans()
+    assert row.stage == "em_eval" and row.weights == 0 and row.working == 0
+    assert served.weights_disk == 0  # no model is fetched for a served evaluation
+    local_cfg = RunConfig.from_toml("em-eval-local")
+    local = plan_run(local_cfg, gpus=0)
+    judge = card_shape(get_card("qwen2.5-coder-0.5b-instruct")).n_params * 4  # float32
+    assert local.stage_plans()[0].weights == local.pair_bytes + judge
+    assert local.weights_disk > 0
+
+
 def test_plan_result_contract(tmp_path):
     plan = plan_run(RunConfig.from_toml("quick"), gpus=0)
     assert list(plan.df.stage) == RunConfig.from_toml("quick").stages

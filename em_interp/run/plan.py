@@ -416,6 +416,23 @@ def plan_run(config, *, gpus: int | None = None, gpu_mem: int | str | None = Non
                                    runs * lora * 4,
                                    f"{runs} fine-tunes: a float32 HF copy of the base, a "
                                    "rank-16 LoRA with Adam, activations for the backward pass"))
+        elif stage == "em_eval":
+            e = c.em_eval
+            if e.generator.kind == "openai":
+                plans.append(StagePlan(stage, 0, 0, 0, "samples from a server: no model loads "
+                                                      "here"))
+            else:
+                s = seq(e.questions) if e.questions == "em_questions" else 64
+                judge = 0
+                if e.judge.kind == "local":
+                    try:
+                        jcard = get_card(e.judge.model)
+                        judge = card_shape(jcard).n_params * _BYTES[jcard.dtype]
+                    except Exception:  # noqa: BLE001 -- a folder: unknown size, not counted
+                        judge = 0
+                plans.append(StagePlan(stage, pair + judge, kv(B, s + e.max_new_tokens), 0,
+                                       f"generation: KV cache of {B} x {s + e.max_new_tokens} "
+                                       "tokens" + ("; a local judge model" if judge else "")))
     notes = []
     if not shape.vocab_known:
         notes.append(f"card {card.name!r} gives no vocab_size; {DEFAULT_VOCAB} was assumed "
@@ -424,7 +441,8 @@ def plan_run(config, *, gpus: int | None = None, gpu_mem: int | str | None = Non
         notes.append("BLOCK-EM's fine-tune also reads the base into CPU RAM (float32) before "
                      "moving it to the GPU")
     disk_b = 4 if card.base.kind in ("wheel", "gguf", "random") else _BYTES[card.dtype]
-    wdisk = P * disk_b + (0 if org is None else (
+    loads = any(x.weights for x in plans) or not plans
+    wdisk = 0 if not loads else P * disk_b + (0 if org is None else (
         shape.lora_params(org.lora_rank or 32, org.target_modules or ALL_PROJECTIONS) * 4
         if org.kind == "lora" else P * disk_b))
     return RunPlan(card=card.name, dtype=dtype, device=device, n_devices=n_dev,
