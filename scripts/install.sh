@@ -36,7 +36,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   fi
   "$VPY" -m pip install "torch==$TORCH_VERSION" ${torch_args[@]+"${torch_args[@]}"}
 fi
-"$VPY" -m pip install -c constraints.txt -e ".[dev,sweep]"
+"$VPY" -m pip install -c constraints.txt -e ".[dev,sweep,serve]"
 # A Jupyter kernel spec inside the venv, so notebooks run on this interpreter.
 "$VPY" -m ipykernel install --sys-prefix --name python3 --display-name "em-interp (.venv)" >/dev/null
 "$VPY" -m pip check
