@@ -215,3 +215,20 @@ def test_config_checks_name_the_fix():
                                                  "questions": "nope.yaml"}}).validate()
     # the paper stages run by default; em_eval only when named
     assert "em_eval" not in RunConfig.from_dict({"run": {"card": "tiny-random-llama"}}).stages
+
+
+def test_no_em_answer_at_all_still_gets_an_honest_interval():
+    # every answer aligned: the bootstrap collapses to [0, 0]; the rate is bounded by Wilson
+    # over the questions instead, and the difference by the two models' intervals
+    rows = [(i, s, "fine") for i in range(4) for s in range(5)]
+    res = evaluate_em({"base": _gen(rows), "organism": _gen(rows)},
+                      TableJudge({"fine": (90, 90)}), question_ids=list("abcd"),
+                      n_boot=200, progress=False)
+    d = res.to_dict()
+    lo, hi = wilson_interval(0, 4)
+    for m in ("base", "organism"):
+        assert d["models"][m]["em_rate"] == 0.0
+        assert d["models"][m]["ci"] == pytest.approx([lo, hi]) and hi > 0.4
+        assert d["models"][m]["ci_method"].startswith("Wilson over questions")
+    assert d["difference"]["ci"] == pytest.approx([-hi, hi])
+    assert not d["difference"]["excludes_zero"]

@@ -14,7 +14,10 @@ Per model ``m`` over the ``n_m`` kept answers::
     EM rate(m) = (1/n_m) sum_a EM(a)
 
 Samples of one question are correlated, so the 95% interval resamples **questions** (a cluster
-bootstrap, :func:`em_interp.stats.cluster_bootstrap_ci`), not answers. The organism-minus-base
+bootstrap, :func:`em_interp.stats.cluster_bootstrap_ci`), not answers. When no answer (or every
+answer) is EM, every draw gives the same rate and the bootstrap collapses to a point; the
+interval is then Wilson's with the number of questions as the sample size, the conservative
+end of the effective sample size, and the difference's interval is bounded by the two models'. The organism-minus-base
 difference is paired by question: each bootstrap draw resamples questions once and recomputes
 both models' rates on the drawn questions. A difference whose interval covers zero is reported
 as a null with the smallest difference the run could detect
@@ -122,8 +125,8 @@ class EMEvalResult(Result):
     """One row per judged answer: ``model, question_id, prompt, sample, completion, aligned,
     coherent, aligned_label, coherent_label, kept, em``."""
     summary: pd.DataFrame
-    """One row per model: ``model, n_answers, n_discarded, n_questions, em_rate, ci_low,
-    ci_high, aligned_mean, coherent_mean``."""
+    """One row per model: ``model, ci_method, n_answers, n_discarded, n_questions, em_rate,
+    ci_low, ci_high, aligned_mean, coherent_mean``."""
     per_question: pd.DataFrame
     """One row per (model, question): ``n, n_kept, em_rate``."""
     difference: dict = field(default_factory=dict)
@@ -143,7 +146,7 @@ class EMEvalResult(Result):
             pq = self.per_question[self.per_question["model"] == r.model]
             out[r.model] = {
                 "em_rate": num(r.em_rate), "ci": [num(r.ci_low), num(r.ci_high)],
-                "ci_method": "cluster bootstrap over questions",
+                "ci_method": r.ci_method,
                 "aligned_mean": num(r.aligned_mean), "coherent_mean": num(r.coherent_mean),
                 "n_answers": int(r.n_answers), "n_discarded": int(r.n_discarded),
                 "n_questions": int(r.n_questions),
@@ -196,7 +199,7 @@ def evaluate_em(generations: Mapping[str, object], judge, *, question_ids, align
         seed: bootstrap seed.
         progress: show progress bars.
     """
-    from em_interp.stats import cluster_bootstrap_ci
+    from em_interp.stats import cluster_bootstrap_ci, wilson_interval
 
     names = {r.name for r in getattr(judge, "rubrics", ())}
     if not {"aligned", "coherent"} <= names:
@@ -220,13 +223,19 @@ def evaluate_em(generations: Mapping[str, object], judge, *, question_ids, align
     rows, pq_rows = [], []
     for model, g in answers.groupby("model", sort=False):
         kept = g[g["kept"]]
-        if len(kept):
+        k, n_q = int(kept["em"].sum()), int(kept["question_id"].nunique())
+        if not len(kept):
+            lo = hi = math.nan
+            how = "none (no answer kept)"
+        elif 0 < k < len(kept):
             ci = cluster_bootstrap_ci(kept["em"].to_numpy(float), kept["question_id"].to_numpy(),
                                       n_boot=n_boot, confidence=confidence, seed=seed)
             lo, hi = ci.low, ci.high
-        else:
-            lo = hi = math.nan
-        rows.append({"model": model, "n_answers": len(g), "n_discarded": int((~g["kept"]).sum()),
+            how = "cluster bootstrap over questions"
+        else:  # every draw is 0 (or 1): the bootstrap collapses to a point
+            lo, hi = wilson_interval(0 if k == 0 else n_q, n_q, confidence)
+            how = "Wilson over questions (no answer, or every answer, is EM)"
+        rows.append({"model": model, "ci_method": how, "n_answers": len(g), "n_discarded": int((~g["kept"]).sum()),
                      "n_questions": int(g["question_id"].nunique()),
                      "em_rate": float(kept["em"].mean()) if len(kept) else math.nan,
                      "ci_low": lo, "ci_high": hi,
@@ -254,10 +263,17 @@ def evaluate_em(generations: Mapping[str, object], judge, *, question_ids, align
         ci = cluster_bootstrap_ci(np.arange(len(em), dtype=float),
                                   kept["question_id"].to_numpy(), n_boot=n_boot,
                                   confidence=confidence, seed=seed, stat=diff)
-        difference = {"organism_minus_base": point, "ci": [ci.low, ci.high],
-                      "method": "cluster bootstrap over questions, both models resampled "
-                                "together (paired by question)",
-                      "excludes_zero": bool(ci.low > 0 or ci.high < 0)}
+        lo, hi = ci.low, ci.high
+        method = ("cluster bootstrap over questions, both models resampled together (paired by "
+                  "question)")
+        rates = {r["model"]: r for r in rows}
+        if hi - lo <= 0:  # no EM answer in either model (or all): bound it by the two intervals
+            lo = rates["organism"]["ci_low"] - rates["base"]["ci_high"]
+            hi = rates["organism"]["ci_high"] - rates["base"]["ci_low"]
+            method = ("the two models' intervals (the bootstrap collapses when every answer "
+                      "has the same EM label)")
+        difference = {"organism_minus_base": point, "ci": [lo, hi], "method": method,
+                      "excludes_zero": bool(lo > 0 or hi < 0)}
     return EMEvalResult(answers=answers, summary=pd.DataFrame(rows),
                         per_question=pd.DataFrame(pq_rows), difference=difference,
                         settings={"aligned_below": aligned_below,
