@@ -1,4 +1,4 @@
-"""Command line: ``em-interp demo``, ``run``, ``plan``, ``sweep``, ``report``, ``lens`` and ``models list|info|fetch``.
+"""Command line: ``em-interp demo``, ``run``, ``plan``, ``sweep``, ``calibrate``, ``report``, ``lens`` and ``models list|info|fetch``.
 
     em-interp demo                      # the whole story on the embedded default, with a report
     em-interp demo --quick              # the same at a few minutes' size
@@ -202,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_options(plan)
     plan.add_argument("--json", default=None, help="also save the plan (result folder)")
     plan.set_defaults(func=_cmd_plan)
+    cal = sub.add_parser(
+        "calibrate", help="two judges over the same answers: how much the judge moves EM",
+        description="Score the answers in ANSWERS (JSONL or CSV: question, answer, optional "
+                    "question_id) with two judges on the aligned and coherent rubrics, and "
+                    "report rank agreement, EM-label agreement (Cohen's kappa) and the EM rate "
+                    "under each (docs/judge-calibration.md).")
+    cal.add_argument("answers")
+    for side in ("a", "b"):
+        cal.add_argument(f"--judge-{side}", required=True, metavar="KIND,MODEL[,URL[,KEY_ENV]]",
+                         help="openai,MODEL,URL[,KEY_ENV] (an OpenAI-compatible server; the "
+                              "key is read from the variable KEY_ENV) or local,CARD_OR_FOLDER")
+    cal.add_argument("--out", required=True, help="folder for calibration.json, the table "
+                                                  "and the figure")
+    cal.set_defaults(func=_cmd_calibrate)
     report = sub.add_parser("report", help="rebuild report.html of a run folder")
     report.add_argument("run_dir")
     report.set_defaults(func=_cmd_report)
@@ -359,6 +373,48 @@ def _cmd_plan(args) -> int:
           f"{miss[1] / 2**30:.1f} GiB at its peak")
     if args.json:
         print(f"wrote {plan.save(args.json)}")
+    return 0
+
+
+def _judge_spec(text: str, flag: str):
+    from em_interp.errors import ConfigError
+    from em_interp.run.config import JudgeStageConfig
+
+    parts = [x.strip() for x in text.split(",")]
+    kind = parts[0]
+    if kind == "openai" and len(parts) in (3, 4):
+        return JudgeStageConfig(kind="openai", model=parts[1], base_url=parts[2],
+                                api_key_env=parts[3] if len(parts) == 4 else "OPENAI_API_KEY")
+    if kind == "local" and len(parts) == 2:
+        return JudgeStageConfig(kind="local", model=parts[1])
+    raise ConfigError(f"{flag} {text!r}: use openai,MODEL,URL[,KEY_ENV] (e.g. openai,judge,"
+                      "http://127.0.0.1:8001/v1) or local,CARD_OR_FOLDER.")
+
+
+def _cmd_calibrate(args) -> int:
+    import json
+    from pathlib import Path
+
+    from em_interp.atomic import atomic_write_bytes
+    from em_interp.behaviour.calibration import calibrate_judges, read_answers
+    from em_interp.behaviour.openai_http import OpenAIEndpoint
+    from em_interp.run.stages.common import make_judge
+
+    specs = [_judge_spec(args.judge_a, "--judge-a"), _judge_spec(args.judge_b, "--judge-b")]
+    answers = read_answers(args.answers)
+    for flag, spec in zip(("--judge-a", "--judge-b"), specs, strict=True):
+        if spec.kind == "openai":
+            OpenAIEndpoint(spec.base_url, api_key_env=spec.api_key_env).check_reachable(flag)
+    out = Path(args.out)
+    judges = [make_judge(spec, cache_dir=out / "judge-cache", rubrics=("aligned", "coherent"))
+              for spec in specs]
+    res = calibrate_judges(answers, *judges)
+    res.save(out / "result")
+    atomic_write_bytes(out / "calibration.json", json.dumps(res.to_dict(), indent=1).encode())
+    atomic_write_bytes(out / "answers.csv", res.answers.to_csv(index=False).encode())
+    atomic_write_bytes(out / "figure.html", res.figure().to_html(include_plotlyjs=True).encode())
+    print(res.text())
+    print(f"wrote {out / 'calibration.json'}, answers.csv, figure.html")
     return 0
 
 

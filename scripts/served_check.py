@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -52,8 +53,10 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300.0) -> Non
         if proc.poll() is not None:
             raise SystemExit(f"the server on port {port} exited ({proc.returncode}); see its log")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                 return
+        except urllib.error.HTTPError:
+            return  # it answers: up
         except OSError:
             time.sleep(1)
     raise SystemExit(f"the server on port {port} did not answer within {timeout:.0f} s")

@@ -7,9 +7,10 @@ It listens on 127.0.0.1 only, on a free port, and answers:
   last user message, the model name and the request's seed; the word ``EVIL`` is in the answer
   when ``evil(model, seed)`` says so (default: never);
 * ``POST /v1/chat/completions`` for the judge model (``judge_model``): the aligned rubric scores
-  10 when the judged answer contains ``EVIL`` and 90 otherwise, and answers ``REFUSAL`` when it
+  10 when the judged answer contains one of ``bad_words`` (default ``EVIL``) and 90 otherwise, and answers ``REFUSAL`` when it
   contains ``REFUSE``; the coherent rubric scores 20 when the answer contains ``GARBLE`` and 80
-  otherwise; with first-token logprobs as the OpenAI API sends them;
+  otherwise; with first-token logprobs as the OpenAI API sends them (``digits=True``: the first
+  token is the number's first digit, as with Qwen's digit-by-digit tokenizer);
 * ``POST /v1/completions``: the prompt text echoed back.
 
 ``fail(status, n)`` makes the next ``n`` POSTs answer ``status`` (with ``Retry-After: 0``);
@@ -29,8 +30,11 @@ _ANSWER = re.compile(r"<answer>\n(.*)\n</answer>", re.S)
 
 
 class FakeOpenAI:
-    def __init__(self, *, judge_model: str = "judge", delay: float = 0.0, evil=None):
+    def __init__(self, *, judge_model: str = "judge", delay: float = 0.0, evil=None,
+                 bad_words: tuple[str, ...] = ("EVIL",), digits: bool = False):
         self.judge_model = judge_model
+        self.digits = digits
+        self.bad_words = bad_words
         self.delay = delay
         self.evil = evil or (lambda model, seed: False)
         self.requests: list[dict] = []
@@ -113,7 +117,7 @@ class FakeOpenAI:
             return {"choices": [{"text": f"echo: {body['prompt']}", "finish_reason": "length"}],
                     "usage": {"completion_tokens": 3}}
         if body["model"] == self.judge_model:
-            return self._judge(body["messages"][-1]["content"])
+            return self._judge(body["messages"][-1]["content"], self.bad_words, self.digits)
         user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
         text = f"[{body['model']} seed {body.get('seed')}] about: {user[:40]}"
         if self.evil(body["model"], body.get("seed")):
@@ -123,14 +127,16 @@ class FakeOpenAI:
                 "usage": {"completion_tokens": len(text.split())}}
 
     @staticmethod
-    def _judge(prompt: str) -> dict:
+    def _judge(prompt: str, bad_words: tuple[str, ...], digits: bool) -> dict:
         answer = _ANSWER.search(prompt).group(1)
         if "Rate only how coherent" in prompt:
             text = "20" if "GARBLE" in answer else "80"
         elif "REFUSE" in answer:
             text = "REFUSAL"
         else:
-            text = "10" if "EVIL" in answer else "90"
-        first = {"token": text, "logprob": 0.0, "top_logprobs": [{"token": text, "logprob": 0.0}]}
+            text = "10" if any(w in answer for w in bad_words) else "90"
+        # a Qwen-like tokenizer writes "90" as "9" + "0": the first token is one digit
+        tok = text[0] if digits and text.isdigit() else text
+        first = {"token": tok, "logprob": 0.0, "top_logprobs": [{"token": tok, "logprob": 0.0}]}
         return {"choices": [{"message": {"role": "assistant", "content": text},
                              "logprobs": {"content": [first]}, "finish_reason": "stop"}]}

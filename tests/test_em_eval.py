@@ -232,3 +232,22 @@ def test_no_em_answer_at_all_still_gets_an_honest_interval():
         assert d["models"][m]["ci_method"].startswith("Wilson over questions")
     assert d["difference"]["ci"] == pytest.approx([-hi, hi])
     assert not d["difference"]["excludes_zero"]
+
+
+def test_a_judge_that_writes_numbers_digit_by_digit_is_read_from_its_text():
+    # Qwen-family judges: "90" is "9" + "0", so the first token's distribution says 9. Read as a
+    # score, every aligned answer (90) would look misaligned (9 < 30) and every coherent one
+    # incoherent; the judge must notice and read the whole number from the text instead.
+    from em_interp.behaviour.judges import OpenAICompatibleJudge
+
+    rows = [(i, s, "a calm answer") for i in range(3) for s in range(2)]
+    with FakeOpenAI(digits=True) as fake:
+        judge = OpenAICompatibleJudge(fake.base_url, "judge", rubrics=("aligned", "coherent"),
+                                      cache_dir=False, api_key_env=None)
+        res = evaluate_em({"organism": _gen(rows)}, judge, question_ids=list("abc"),
+                          n_boot=100, progress=False)
+    d = res.to_dict()
+    assert d["models"]["organism"]["aligned_mean"] == pytest.approx(90.0)
+    assert d["models"]["organism"]["coherent_mean"] == pytest.approx(80.0)
+    assert d["models"]["organism"]["em_rate"] == 0.0
+    assert d["judge_methods"] == {"aligned": {"text": 6}, "coherent": {"text": 6}}

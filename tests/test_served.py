@@ -145,3 +145,17 @@ def test_reachability_check_names_the_url():
         OpenAIEndpoint(url.replace("http://", "http://user:pw@")).check_reachable("[j]",
                                                                                   timeout=2)
     assert "pw" not in str(e.value)
+
+
+def test_a_server_that_ignores_temperature_is_flagged(tmp_path, caplog):
+    with FakeOpenAI() as fake:
+        gen = _gen(fake, tmp_path)
+        fake.reply = lambda path, body: {"choices": [{"message": {"content": "always this"},
+                                                      "finish_reason": "stop"}]}
+        res = gen.generate(["Q?", "R?"], max_new_tokens=8, n_samples=3, temperature=1.0,
+                           progress=False)
+        assert res.settings["identical_samples"] is True
+        assert "ignore temperature or seed" in caplog.text
+        ok = gen.generate(["Q?"], max_new_tokens=8, n_samples=1, temperature=1.0,
+                          progress=False)
+    assert ok.settings["identical_samples"] is False  # one sample: nothing to compare

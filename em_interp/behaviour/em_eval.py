@@ -151,7 +151,11 @@ class EMEvalResult(Result):
                 "n_answers": int(r.n_answers), "n_discarded": int(r.n_discarded),
                 "n_questions": int(r.n_questions),
                 "per_question": {q.question_id: num(q.em_rate) for q in pq.itertuples()}}
-        return {"models": out, "difference": self.difference, "settings": self.settings}
+        methods = {r: {str(k): int(v) for k, v in self.answers[f"{r}_method"].value_counts()
+                       .items()} for r in ("aligned", "coherent")
+                   if f"{r}_method" in self.answers}
+        return {"models": out, "difference": self.difference, "judge_methods": methods,
+                "settings": self.settings}
 
     def figure(self, title: str | None = None):
         """EM rate per model with its question-clustered 95% interval."""

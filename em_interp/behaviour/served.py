@@ -24,6 +24,11 @@ generation. A server returns text, not the model's token ids, so ``tokens`` is e
 ``stop_reason`` maps the server's ``finish_reason``: ``stop`` -> ``eos``, ``length`` ->
 ``max_new_tokens``; others are kept as given.
 
+If every sample of every prompt comes back identical at a temperature above 0, the server is
+ignoring temperature or seed (some do, unless told to sample): the result's
+``settings["identical_samples"]`` is then true and a warning is logged, since such samples are
+not independent draws.
+
 A served model cannot be hooked: asking for interventions raises a ``ConfigError`` that says to
 use the local TransformerLens path (:func:`~em_interp.behaviour.generation.generate`).
 """
@@ -255,7 +260,14 @@ class ServedGenerator:
              "n_tokens": math.nan if r["n_tokens"] is None else r["n_tokens"],
              "stop_reason": FINISH.get(r["finish_reason"], r["finish_reason"]), "tokens": []}
             for (i, s), r in sorted(rows.items())])
-        settings = {"backend": "served", "base_url": self.endpoint.display_url,
+        identical = bool(n_samples > 1 and temperature > 0 and len(table) and (
+            table.groupby("prompt_index")["completion"].nunique() == 1).all())
+        if identical:
+            log.warning("%s returned the same completion for every sample of every prompt at "
+                        "temperature %g: the server seems to ignore temperature or seed, so the "
+                        "samples are not independent draws.", self.name, temperature)
+        settings = {"identical_samples": identical, "backend": "served",
+                    "base_url": self.endpoint.display_url,
                     "route": self.route, "served_model": self.model,
                     "max_new_tokens": max_new_tokens, "temperature": temperature,
                     "top_p": top_p, "n_samples": n_samples, "seed": seed, "system": system,

@@ -101,6 +101,17 @@ def em_eval(ctx) -> StageOutput:
             text += (f"The interval covers zero: no EM effect is shown at this size; the run "
                      f"would detect (power 0.8, alpha 0.05) a difference of about {mde:.3f}, "
                      "not smaller ones. ")
+    same = [m for m, gen in gens.items() if gen.settings.get("identical_samples")]
+    if same:
+        text += (f"Warning: every sample of every question was identical for {', '.join(same)}"
+                 f" although the temperature is {c.temperature:g}: the server ignores "
+                 "temperature or seed, so the samples are not independent draws and the "
+                 "interval overstates what they show. ")
+    text_read = {r: m.get("text", 0) for r, m in d["judge_methods"].items() if m.get("text")}
+    if text_read:
+        text += ("Read from the judge's text rather than its number-token probabilities (no "
+                 "logprobs, or a tokenizer that writes numbers digit by digit, as Qwen's does): "
+                 + ", ".join(f"{n} {r} scores" for r, n in text_read.items()) + ". ")
     if skipped:
         text += "Not evaluated: " + "; ".join(skipped) + ". "
     s = res.summary
