@@ -113,3 +113,26 @@ def test_calibrate_command_with_two_served_judges(tmp_path, capsys):
     assert main(["calibrate", str(path), "--judge-a", "openai,judge", "--judge-b",
                  "local,x", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_reads_an_em_eval_runs_saved_answers(tmp_path):
+    from em_interp.behaviour.em_eval import evaluate_em
+    from em_interp.behaviour.judge_base import Judge, RubricScore, resolve_rubrics
+
+    class Fixed(Judge):
+        name = "fixed"
+        rubrics = resolve_rubrics(("aligned", "coherent"))
+        cache_dir = None
+
+        def _score_rubric(self, rubric, question, answer):
+            return RubricScore(score=50.0, label=None, method="string", raw="50")
+
+    gen = pd.DataFrame({"prompt_index": [0, 0, 1], "prompt": ["Why?", "Why?", "How?"],
+                        "sample": [0, 1, 0], "completion": ["Because.", "Hm.", "So."]})
+    res = evaluate_em({"organism": gen}, Fixed(), question_ids=["q1", "q2"], n_boot=50,
+                      progress=False)
+    res.save(tmp_path / "em_eval")
+    got = read_answers(tmp_path / "em_eval" / "answers.json")
+    assert got["question"].tolist() == ["Why?", "Why?", "How?"]
+    assert got["answer"].tolist() == ["Because.", "Hm.", "So."]
+    assert got["question_id"].tolist() == ["q1", "q1", "q2"]

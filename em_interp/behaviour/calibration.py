@@ -242,7 +242,8 @@ def calibrate_judges(answers: pd.DataFrame, judge_a=None, judge_b=None, *,
 
 def read_answers(path: str | Path) -> pd.DataFrame:
     """Answers to calibrate on: JSONL (``question``/``prompt``, ``answer``/``completion``,
-    optional ``question_id``) or CSV with the same columns."""
+    optional ``question_id``), CSV with the same columns, or the ``answers.json`` an ``em_eval``
+    run saves (``stages/em_eval/results/em_eval/answers.json``)."""
     import json
 
     p = Path(path)
@@ -250,6 +251,13 @@ def read_answers(path: str | Path) -> pd.DataFrame:
         raise ConfigError(f"no answers file at {p}.")
     if p.suffix.lower() == ".csv":
         df = pd.read_csv(p)
+    elif p.suffix.lower() == ".json":  # a saved table, e.g. an em_eval run's answers.json
+        try:
+            doc = json.loads(p.read_text())
+            df = pd.DataFrame(doc["data"], columns=doc["columns"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise DataError(f"{p}: not a saved table ({{'columns': [...], 'data': [...]}}); "
+                            "answers are JSONL, CSV, or an em_eval run's answers.json.") from None
     else:
         rows = []
         for lineno, line in enumerate(p.read_text().splitlines(), 1):
