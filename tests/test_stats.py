@@ -286,3 +286,10 @@ def test_wilson_matches_scipy():
     for k, n in itertools.product((0, 3, 10), (10, 25)):
         ci = binomtest(k, n).proportion_ci(method="wilson")
         assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+
+
+def test_wilson_bounds_are_exact_at_zero_and_all():
+    # no float residue at the ends: a rate of 0 (or 1) has its bound exactly at 0 (or 1)
+    for n in (1, 3, 4, 9, 57):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+        assert wilson_interval(0, n)[1] > 0 and wilson_interval(n, n)[0] < 1

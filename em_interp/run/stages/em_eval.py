@@ -50,6 +50,10 @@ def _generations(ctx, questions, models: list[str]) -> tuple[dict, str]:
     return out, "generated locally with TransformerLens from the loaded models"
 
 
+def _short(text: str, n: int = 70) -> str:
+    return text if len(text) <= n else text[: n - 1].rstrip() + "…"
+
+
 def _one(x) -> str:
     return "n/a" if x is None else f"{x:.1f}"
 
@@ -122,8 +126,11 @@ def em_eval(ctx) -> StageOutput:
         "answers kept": s["n_answers"] - s["n_discarded"], "discarded": s["n_discarded"],
         "questions": s["n_questions"], "mean aligned": s["aligned_mean"],
         "mean coherent": s["coherent_mean"]})
+    first_text = dict(zip(reversed(questions.ids), reversed(questions.texts), strict=True))
     pq = res.per_question.pivot(index="question_id", columns="model", values="em_rate")
-    pq = pq.reset_index().rename(columns={"question_id": "question"})
+    pq = pq.reset_index()
+    pq.insert(0, "question", [_short(first_text[q]) for q in pq["question_id"]])
+    pq = pq.drop(columns="question_id")
     summary = {**d, "n_questions": n_q, "samples_per_question": c.samples_per_question,
                "generator": how, "skipped": skipped}
     return StageOutput(
