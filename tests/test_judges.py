@@ -407,3 +407,118 @@ def test_local_judge_cache_key_includes_adapter_and_system(tiny_llama, tmp_path)
     assert len(keys) == 4
     again = LocalHFJudge(tiny_llama, rubrics=[rubric], cache_dir=tmp_path)
     assert again.cache_key(rubric, "q", "a") == plain.cache_key(rubric, "q", "a")
+
+
+# ------------------------------------------------------------------ digit-level judge tokenizers
+
+
+def _qwen_tokenizer():
+    """The real Qwen2.5-Coder-0.5B tokenizer from the toolkit's converted cache (written by
+    ``em-interp demo`` or ``models fetch qwen2.5-coder-0.5b-instruct``), or a skip."""
+    from em_interp.models.cache import cache_dir
+
+    found = sorted((cache_dir() / "converted").glob("qwen2.5-coder-0.5b-instruct-base-*/"
+                                                    "tokenizer.json"))
+    if not found:
+        pytest.skip("the Qwen2.5-Coder-0.5B conversion is not in the em_interp cache (run "
+                    "`em-interp models fetch qwen2.5-coder-0.5b-instruct` once to make it)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(found[-1].parent))
+
+
+def _whole_number_tokenizer():
+    """A word-level tokenizer with one token per number 0-100 (like GPT-4o's or Llama 3's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{str(n): n + 1 for n in range(101)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def _digit_reply(tok, text, first_top):
+    """A chat-completions reply whose tokens are ``tok``'s tokens of ``text`` (then the end of
+    turn), the first position's alternatives ``first_top`` = ``[(token, p), ...]``."""
+    pieces = [tok.decode([i]) for i in tok(text, add_special_tokens=False)["input_ids"]]
+    content = [{"token": p, "logprob": 0.0, "top_logprobs": []} for p in pieces]
+    content.append({"token": "<|im_end|>", "logprob": 0.0, "top_logprobs": []})
+    content[0]["token"] = pieces[0]
+    content[0]["top_logprobs"] = [{"token": t, "logprob": math.log(p)} for t, p in first_top]
+    return {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": {"content": content}, "finish_reason": "stop"}]}
+
+
+def test_number_tokenization_is_detected_from_the_tokenizer():
+    from em_interp.behaviour.judges import numbers_are_single_tokens
+
+    qwen = _qwen_tokenizer()
+    assert len(qwen("42", add_special_tokens=False)["input_ids"]) == 2
+    assert not numbers_are_single_tokens(qwen)
+    assert numbers_are_single_tokens(qwen, (0, 9))  # one digit is one token
+    whole = _whole_number_tokenizer()
+    assert [len(whole(str(n), add_special_tokens=False)["input_ids"]) for n in (0, 42, 100)] \
+        == [1, 1, 1]
+    assert numbers_are_single_tokens(whole)
+
+
+def test_a_digit_level_judge_is_read_from_its_text_where_the_first_token_would_be_wrong(
+        tmp_path, monkeypatch):
+    from em_interp.behaviour.judges import (
+        DIGIT_TOKENS,
+        digit_evidence,
+        expected_number,
+        reading_counts,
+        reading_of,
+    )
+
+    qwen = _qwen_tokenizer()
+    aligned = load_rubrics()["aligned"]
+    # The judge answers "5"; at the first position "9" (the start of "9x", e.g. "95") is as
+    # likely. A first-token reading averages 5 and 9 and says 7; the answer was 5.
+    reply = _digit_reply(qwen, "5", [("5", 0.5), ("9", 0.5)])
+    lp = reply["choices"][0]["logprobs"]
+    assert expected_number(lp["content"][0]["top_logprobs"], (0, 100))[0] == pytest.approx(7.0)
+    # a judge declared whole-number (digit_tokens=False) does read 7 from the logprobs ...
+    wrong = read_reply("5", lp, aligned, digit_tokens=False)
+    assert (wrong.method, wrong.score) == ("logprobs", pytest.approx(7.0))
+    # ... a judge declared digit-level from its tokenizer reads the text: 5
+    fake = _FakePost(reply)
+    monkeypatch.setattr(OpenAICompatibleJudge, "_post", lambda self, payload: fake(payload))
+    judge = _fake_judge(tmp_path, aligned).use_tokenizer(qwen)
+    assert judge.digit_tokens is True and judge.settings()["digit_tokens"] is True
+    r = judge.score("q", "a").rubrics["aligned"]
+    assert (r.score, r.method) == (5.0, "text") and r.note.startswith(DIGIT_TOKENS)
+    assert reading_of(r) == "text (digit tokens)"
+    # undeclared, the one-digit-only top tokens on a 0-100 scale are not trusted either
+    r = read_reply("5", lp, aligned)
+    assert (r.score, r.method) == (5.0, "text") and "one digit" in r.note
+    # a two-digit answer shows the split in the reply itself ("8" then "5") and is counted
+    reply85 = _digit_reply(qwen, "85", [("8", 0.7), ("9", 0.3)])
+    assert [t["token"] for t in reply85["choices"][0]["logprobs"]["content"][:2]] == ["8", "5"]
+    assert digit_evidence(reply85["choices"][0]["logprobs"]["content"], (0, 100)) is True
+    fake.reply = reply85
+    undeclared = _fake_judge(tmp_path / "u", aligned)
+    s = undeclared.score("q", "another answer")
+    assert s.get("aligned") == 85.0 and undeclared.digits_seen == 1
+    assert reading_counts([s]) == {"aligned": {"text (digit tokens)": 1}}
+    # a whole-number judge's reply is evidence against, and keeps the logprob reading
+    whole = _whole_number_tokenizer()
+    top = [("85", 0.6), ("90", 0.4)]
+    r = read_reply("85", _digit_reply(whole, "85", top)["choices"][0]["logprobs"], aligned)
+    assert (r.method, r.score) == ("logprobs", pytest.approx(85 * 0.6 + 90 * 0.4))
+    assert _fake_judge(tmp_path, aligned).use_tokenizer(whole).digit_tokens is False
+
+
+def test_declaring_the_tokenizer_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    fake = _FakePost(_reply("5", [("5", 0.0)]))
+    monkeypatch.setattr(OpenAICompatibleJudge, "_post", lambda self, payload: fake(payload))
+    rubric = load_rubrics()["coherent"]
+    plain = _fake_judge(tmp_path, rubric)
+    assert "digit_tokens" not in plain.settings()  # undeclared judges keep their old keys
+    plain.score("q", "a")
+    declared = _fake_judge(tmp_path, rubric)
+    declared.digit_tokens = False
+    assert declared.score("q", "a").rubrics["coherent"].method == "logprobs"
+    assert len(fake.payloads) == 2  # not answered from the undeclared judge's verdict

@@ -22,7 +22,7 @@ from em_interp.errors import ConfigError, JudgeError
 
 log = logging.getLogger(__name__)
 
-JUDGE_VERSION = "2"
+JUDGE_VERSION = "3"
 """Version of the code that turns a judge's output into a verdict (request format, reading
 logprobs and text, the local judge's candidates). Part of every cache key: bump it whenever
 that code changes what a verdict would be."""

@@ -20,9 +20,13 @@ scores as columns to a generation table. Three judges ship:
       score = sum_n n * p(n) / sum_n p(n),   n over the top tokens that are integers in the scale
 
   If the number tokens carry less than ``min_number_mass`` (0.25) of the probability, the judge
-  answered with a word (e.g. ``REFUSAL``) and the score is that label. Without logprobs (or
-  when the judge's tokenizer splits the number into several tokens, e.g. digit by digit), the
-  answer text is parsed instead and the score records ``method="text"``.
+  answered with a word (e.g. ``REFUSAL``) and the score is that label. Without logprobs, or
+  when the judge's tokenizer writes numbers digit by digit (Qwen: ``"85"`` is ``"8"`` +
+  ``"5"``, so the first token's distribution is over first digits, not scores), the
+  temperature-0 answer text is parsed instead and the score records ``method="text"``, with
+  ``note`` starting "digit tokens" in the second case. Whether numbers are split is known up
+  front from the judge's tokenizer (:func:`numbers_are_single_tokens`,
+  :meth:`OpenAICompatibleJudge.use_tokenizer`) or seen in the reply (:func:`digit_evidence`).
 * :class:`LocalHFJudge` -- the same rubrics scored by a causal LM loaded with the toolkit. It
   computes the exact probability of every whole answer ``"0" ... "100"`` (and of each label):
   ``P("85") = p("8") p("5" | "8") p(not a digit | "85")``, from one prefill and one batched
@@ -61,6 +65,7 @@ import json
 import logging
 import math
 import re
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -92,6 +97,7 @@ from em_interp.errors import ConfigError, JudgeError
 log = logging.getLogger(__name__)
 
 
+_COUNT_LOCK = threading.Lock()
 _NUMBER = re.compile(r"^\s*(\d+)")
 _ANY_NUMBER = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.])")
 
@@ -182,15 +188,33 @@ class OpenAICompatibleJudge(Judge):
         self.min_number_mass = min_number_mass
         self.name = f"openai:{model}"
 
+    digit_tokens: bool | None = None
+    """Whether the judge model's tokenizer writes numbers digit by digit (Qwen, SmolLM2):
+    ``None`` (default) decides from each reply (:func:`read_reply`); set it up front with
+    :meth:`use_tokenizer`, or to ``False`` for a judge known to have one token per number
+    (GPT-4o, Llama 3) so that one-digit answers are read from the logprobs too."""
+    digits_seen: int = 0
+    """Replies so far whose tokens showed the judge writing a number digit by digit."""
+
+    def use_tokenizer(self, tokenizer) -> OpenAICompatibleJudge:
+        """Decide the reading method before scoring from the judge model's HF tokenizer
+        (:func:`numbers_are_single_tokens` over every rubric's scale); returns the judge."""
+        self.digit_tokens = not all(numbers_are_single_tokens(tokenizer, r.scale)
+                                    for r in self.rubrics)
+        return self
+
     def settings(self) -> dict:
         """The endpoint (without any ``user:password@``), the model and every request or
         reading parameter that changes a verdict; never the API key, nor retry and
         concurrency settings (they change when, not what, the judge answers)."""
-        return {"kind": "OpenAICompatibleJudge", "base_url": self.endpoint.display_url,
-                "model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
-                "logprobs": self.logprobs,
-                "top_logprobs": self.top_logprobs if self.logprobs else None,
-                "min_number_mass": self.min_number_mass}
+        out = {"kind": "OpenAICompatibleJudge", "base_url": self.endpoint.display_url,
+               "model": self.model, "temperature": 0, "max_tokens": self.max_tokens,
+               "logprobs": self.logprobs,
+               "top_logprobs": self.top_logprobs if self.logprobs else None,
+               "min_number_mass": self.min_number_mass}
+        if self.digit_tokens is not None:  # a declared tokenizer changes how replies are read
+            out["digit_tokens"] = self.digit_tokens
+        return out
 
     def __repr__(self) -> str:  # never the key
         return (f"OpenAICompatibleJudge(base_url={self.base_url!r}, model={self.model!r}, "
@@ -214,7 +238,12 @@ class OpenAICompatibleJudge(Judge):
         except (KeyError, IndexError, TypeError, AttributeError):
             raise JudgeError(f"malformed chat-completions reply (no choices[0].message): "
                              f"{self._redact(json.dumps(doc)[:200])}") from None
-        return read_reply(text, choice.get("logprobs"), rubric, self.min_number_mass)
+        logprobs = choice.get("logprobs")
+        if digit_evidence((logprobs or {}).get("content") if isinstance(logprobs, dict)
+                          else None, rubric.scale):
+            with _COUNT_LOCK:
+                self.digits_seen += 1
+        return read_reply(text, logprobs, rubric, self.min_number_mass, self.digit_tokens)
 
     def _run(self, todo, pairs, results, progress) -> list:
         failures = []
@@ -237,13 +266,88 @@ class OpenAICompatibleJudge(Judge):
         return failures
 
 
+DIGIT_TOKENS = "digit tokens"
+"""How :attr:`RubricScore.note` starts when a score was read from the text because the judge's
+tokenizer writes numbers digit by digit (see :func:`reading_of`)."""
+
+
+def numbers_are_single_tokens(tokenizer, scale: tuple[int, int] = (0, 100)) -> bool:
+    """Whether every whole number of ``scale`` is one token of ``tokenizer`` (an HF tokenizer).
+
+    Reading a 0-100 score from the first answer token's probabilities needs this. A tokenizer
+    that splits ``"42"`` into ``"4"`` + ``"2"`` (Qwen2.5, SmolLM2) gives a first-token
+    distribution over *first digits*, in which ``"4"`` stands for 4 and for 40-49 at once, so
+    its expectation is no score. Checked by encoding each number without special tokens."""
+    lo, hi = scale
+    return all(len(tokenizer(str(n), add_special_tokens=False)["input_ids"]) == 1
+               for n in range(lo, hi + 1))
+
+
+def digit_evidence(content: Sequence[dict] | None, scale: tuple[int, int]) -> bool | None:
+    """What one reply's per-token logprobs (``choices[0].logprobs.content``) say about the
+    judge's tokenizer: ``True`` when it writes numbers digit by digit (the first generated
+    token is one digit and the next one starts with a digit), ``False`` when a token at the
+    first position is a whole number of two or more digits, ``None`` when the reply cannot tell
+    (a label, a one-digit answer, or a scale that stops at 9, where the question does not
+    arise)."""
+    if not content or scale[1] < 10:
+        return None
+    first = content[0]
+    tokens = [str(first.get("token", ""))] + [str(t.get("token", ""))
+                                              for t in first.get("top_logprobs") or []]
+    if any(len(t.strip()) >= 2 and t.strip().isascii() and t.strip().isdigit() for t in tokens):
+        return False
+    head = tokens[0].strip()
+    if head.isascii() and head.isdigit() and len(content) > 1:
+        nxt = str(content[1].get("token", ""))[:1]
+        if nxt.isascii() and nxt.isdigit():
+            return True
+    return None
+
+
+def reading_of(score: RubricScore) -> str:
+    """How a verdict was read, for counts in reports: ``"label"``, ``"logprobs"``, ``"exact"``,
+    ``"string"``, ``"text (digit tokens)"`` (the judge's tokenizer splits numbers, so its
+    temperature-0 text was parsed) or ``"text"`` (no logprobs, or the reason in ``note``)."""
+    if score.label is not None:
+        return "label"
+    if score.method == "text" and (score.note or "").startswith(DIGIT_TOKENS):
+        return "text (digit tokens)"
+    return score.method
+
+
+def reading_counts(scores: Sequence[JudgeScore]) -> dict[str, dict[str, int]]:
+    """``{rubric: {reading: count}}`` over judged pairs (:func:`reading_of` per verdict), so a
+    report can say how many scores were read from text because the judge splits digits."""
+    out: dict[str, dict[str, int]] = {}
+    for s in scores:
+        for name, r in s.rubrics.items():
+            how = reading_of(r)
+            out.setdefault(name, {})[how] = out.get(name, {}).get(how, 0) + 1
+    return out
+
+
 def read_reply(text: str, logprobs: dict | None, rubric: Rubric,
-               min_number_mass: float = 0.25) -> RubricScore:
+               min_number_mass: float = 0.25, digit_tokens: bool | None = None) -> RubricScore:
     """Turn a chat-completions reply (text and ``choices[0].logprobs``) into a score.
 
     Logprobs of the first token give the probability-weighted mean over number tokens, unless
-    the number tokens hold less than ``min_number_mass`` (a label) or the judge's number spans
-    several tokens (digit-level tokenizers): then the text is parsed (``method="text"``).
+    the number tokens hold less than ``min_number_mass`` (a label) or the first-token
+    distribution is not a distribution over scores. Then the text (sampled at temperature 0) is
+    parsed, ``method="text"``, and ``note`` says why:
+
+    * the judge's tokenizer writes numbers digit by digit -- known up front
+      (``digit_tokens=True``, e.g. from :func:`numbers_are_single_tokens`) or seen in this reply
+      (:func:`digit_evidence`). ``"4"`` then stands for 4 and for 40-49 alike, so even a
+      one-digit answer is read from the text; ``note`` starts with :data:`DIGIT_TOKENS`;
+    * the written number spans several tokens;
+    * it is not known whether the tokenizer splits numbers (``digit_tokens=None``) and every
+      number token among the top logprobs is a single digit on a scale past 9. A tokenizer with
+      whole-number tokens nearly always puts some probability on a two-digit token, and the
+      parsed text is right either way (only the smoothing of the expectation is lost).
+
+    ``digit_tokens=False`` (numbers of the scale are known to be single tokens: GPT-4o,
+    Llama 3) reads one-digit answers from the logprobs as well.
     """
     content = (logprobs or {}).get("content") if isinstance(logprobs, dict) else None
     note = "no logprobs in the reply"
@@ -254,20 +358,41 @@ def read_reply(text: str, logprobs: dict | None, rubric: Rubric,
         mean, mass = expected_number(top, rubric.scale)
         written = _NUMBER.match(text)
         first_tok = str(first.get("token", "")).strip()
+        digits = None if rubric.scale[1] < 10 else (
+            digit_tokens if digit_tokens is not None else digit_evidence(content, rubric.scale))
         if mass >= min_number_mass and mean is not None:
-            if written is None or written.group(1) == first_tok:
+            if digits is True:
+                note = (f"{DIGIT_TOKENS}: the judge's tokenizer writes numbers digit by digit "
+                        f"(first token {first_tok!r}), so the first token's distribution is not "
+                        "a score")
+            elif written is not None and written.group(1) != first_tok:
+                split = len(first_tok) == 1 and first_tok.isdigit()
+                note = (f"{DIGIT_TOKENS + ': ' if split else ''}the number "
+                        f"{written.group(1)!r} spans several tokens (first {first_tok!r}); the "
+                        "first-token distribution is not a score")
+            elif digits is None and _single_digits_only(top, rubric.scale):
+                note = ("every number among the top tokens is one digit on a scale past 9; the "
+                        "judge may write numbers digit by digit")
+            else:
                 return RubricScore(score=mean, label=None, method="logprobs", raw=text,
                                    number_mass=mass)
-            note = (f"the number {written.group(1)!r} spans several tokens (first "
-                    f"{first_tok!r}); the first-token distribution is not a score")
         elif mass < min_number_mass:
             score, label = parse_text(text, rubric)
             if label is not None or score is None:
                 return RubricScore(score=None, label=label, method="logprobs", raw=text,
                                    number_mass=mass)
             note = f"number tokens hold only {mass:.2f} of the first token's probability"
+            if digits is True:
+                note = f"{DIGIT_TOKENS}: {note}"
     score, label = parse_text(text, rubric)
     return RubricScore(score=score, label=label, method="text", raw=text, note=note)
+
+
+def _single_digits_only(top: Sequence[dict], scale: tuple[int, int]) -> bool:
+    lo, hi = scale
+    nums = [str(t.get("token", "")).strip() for t in top]
+    nums = [t for t in nums if t.isascii() and t.isdigit() and lo <= int(t) <= hi]
+    return hi >= 10 and bool(nums) and all(len(t) == 1 for t in nums)
 
 
 # ------------------------------------------------------------------ local causal LM
