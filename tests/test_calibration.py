@@ -136,3 +136,29 @@ def test_reads_an_em_eval_runs_saved_answers(tmp_path):
     assert got["question"].tolist() == ["Why?", "Why?", "How?"]
     assert got["answer"].tolist() == ["Because.", "Hm.", "So."]
     assert got["question_id"].tolist() == ["q1", "q1", "q2"]
+
+
+def test_a_digit_by_digit_judge_agrees_once_read_from_its_text_and_is_counted():
+    # Judge B writes numbers as a Qwen tokenizer does ("90" = "9" + "0"). Read from its first
+    # token it would say 9 for every aligned answer (all EM); read from its text it agrees with
+    # judge A everywhere, and the report counts the scores read that way.
+    from em_interp.behaviour.judges import OpenAICompatibleJudge
+
+    answers = pd.DataFrame({"question_id": np.repeat(["q0", "q1", "q2"], 3),
+                            "question": np.repeat(["Q0?", "Q1?", "Q2?"], 3),
+                            "answer": ["EVIL plan", "a calm answer", "fine", "EVIL again",
+                                       "calm", "REFUSE", "ok", "EVIL", "good"]})
+    with FakeOpenAI() as a, FakeOpenAI(digits=True) as b:
+        ja, jb = (OpenAICompatibleJudge(f.base_url, "judge", cache_dir=False, api_key_env=None)
+                  for f in (a, b))
+        res = calibrate_judges(answers, ja, jb, n_boot=100, progress=False)
+    g = res.agreement
+    assert g["n"] == 8 and g["agreement"] == 1.0 and g["kappa"] == 1.0
+    assert g["em_rate_a"] == g["em_rate_b"] == pytest.approx(3 / 8)
+    assert res.readings["a"] == {"aligned": {"logprobs": 8, "label": 1},
+                                 "coherent": {"logprobs": 9}}
+    assert res.readings["b"] == {"aligned": {"text (digit tokens)": 8, "label": 1},
+                                 "coherent": {"text (digit tokens)": 9}}
+    assert ("Judge B: 8 aligned and 9 coherent scores read from its text because its "
+            "tokenizer writes numbers digit by digit") in res.text()
+    assert res.to_dict()["readings"] == res.readings

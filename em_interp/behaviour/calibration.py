@@ -52,6 +52,11 @@ class CalibrationResult(Result):
     p_mcnemar``."""
     judges: dict = field(default_factory=dict)
     """``{"a": name, "b": name}``."""
+    readings: dict = field(default_factory=dict)
+    """How each judge's scores were read, ``{"a": {rubric: {reading: n}}, "b": ...}``:
+    ``logprobs``, ``label``, ``text``, ``text (digit tokens)`` (the judge's tokenizer writes
+    numbers digit by digit, so its text was parsed) ... (empty for a table without
+    ``<rubric>_method`` columns)."""
     settings: dict = field(default_factory=dict)
 
     @property
@@ -68,6 +73,7 @@ class CalibrationResult(Result):
                 "rubrics": {r.rubric: {k: num(getattr(r, k)) for k in self.rubrics.columns
                                        if k != "rubric"} for r in self.rubrics.itertuples()},
                 "em_label": {k: num(v) for k, v in self.agreement.items()},
+                "readings": self.readings,
                 "settings": self.settings}
 
     def figure(self, title: str | None = None):
@@ -111,20 +117,38 @@ class CalibrationResult(Result):
                    f"{g['em_rate_a']:.3f} under A and {g['em_rate_b']:.3f} under B, difference "
                    f"{g['difference']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] (bootstrap "
                    f"over questions), exact McNemar p = {g['p_mcnemar']:.2g}.")
+        for side in "ab":
+            per = self.readings.get(side, {})
+            for how, why in (("text (digit tokens)", "because its tokenizer writes numbers "
+                              "digit by digit (its first token is a digit, not a score)"),
+                             ("text", "(no logprobs, or first-token probabilities that are no score)")):
+                n = {r: c.get(how, 0) for r, c in per.items() if c.get(how, 0)}
+                if n:
+                    out.append(f"Judge {side.upper()}: " + " and ".join(
+                        f"{v} {r}" for r, v in n.items()) + f" scores read from its text {why}.")
         if g["ci"][0] > 0 or g["ci"][1] < 0:
             out.append("The judges' EM rates differ: the choice of judge moves the number.")
         return " ".join(out)
 
 
-def _scored(table: pd.DataFrame, judge, question_col, answer_col, progress) -> pd.DataFrame:
+def _scored(table: pd.DataFrame, judge, question_col, answer_col, progress
+            ) -> tuple[pd.DataFrame, dict]:
+    """The scores (a table) and how they were read (``{rubric: {reading: n}}``, see
+    :func:`em_interp.behaviour.judges.reading_of`; from ``<rubric>_method`` columns for a
+    table scored elsewhere)."""
     if judge is None:
-        return table
+        return table, {r: {str(k): int(v) for k, v in table[f"{r}_method"].value_counts()
+                           .items()} for r in RUBRICS if f"{r}_method" in table}
+    from em_interp.behaviour.judges import reading_counts
+
     names = {r.name for r in getattr(judge, "rubrics", ())}
     if not set(RUBRICS) <= names:
         raise ConfigError(f"judge {judge.name!r} scores {sorted(names)}; calibration needs "
                           "'aligned' and 'coherent'.")
-    return judge.score_table(table, question_col=question_col, answer_col=answer_col,
-                             progress=progress)
+    scores = judge.score_many(zip(table[question_col], table[answer_col], strict=True),
+                              progress=progress)
+    counts = reading_counts(scores)
+    return pd.DataFrame([s.as_row() for s in scores]), {r: counts.get(r, {}) for r in RUBRICS}
 
 
 def _weighted_rows(idx: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -164,10 +188,10 @@ def calibrate_judges(answers: pd.DataFrame, judge_a=None, judge_b=None, *,
         raise ConfigError("give each side a judge or a scored table (judge_a or scores_a, "
                           "judge_b or scores_b), not both and not neither.")
     answers = answers.reset_index(drop=True)
-    a = _scored(answers if scores_a is None else scores_a.reset_index(drop=True), judge_a,
-                question_col, answer_col, progress)
-    b = _scored(answers if scores_b is None else scores_b.reset_index(drop=True), judge_b,
-                question_col, answer_col, progress)
+    a, read_a = _scored(answers if scores_a is None else scores_a.reset_index(drop=True),
+                        judge_a, question_col, answer_col, progress)
+    b, read_b = _scored(answers if scores_b is None else scores_b.reset_index(drop=True),
+                        judge_b, question_col, answer_col, progress)
     if len(a) != len(answers) or len(b) != len(answers):
         raise DataError(f"the scored tables have {len(a)} and {len(b)} rows for "
                         f"{len(answers)} answers.")
@@ -234,7 +258,7 @@ def calibrate_judges(answers: pd.DataFrame, judge_a=None, judge_b=None, *,
     na = names[0] if names else getattr(judge_a, "identity", None) or "judge A"
     nb = names[1] if names else getattr(judge_b, "identity", None) or "judge B"
     return CalibrationResult(answers=t, rubrics=pd.DataFrame(rows), agreement=agreement,
-                             judges={"a": na, "b": nb},
+                             judges={"a": na, "b": nb}, readings={"a": read_a, "b": read_b},
                              settings={"aligned_below": aligned_below,
                                        "coherent_above": coherent_above,
                                        "confidence": confidence, "n_boot": n_boot, "seed": seed})
