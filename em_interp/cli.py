@@ -317,11 +317,11 @@ def _cmd_demo(args) -> int:
 def _cmd_run(args) -> int:
     from em_interp.errors import ConfigError
     from em_interp.run.config import CONFIG_DIR, RunConfig
+    from em_interp.run.shipped import first_line
 
     if args.list:
         for name in _configs():
-            first = (CONFIG_DIR / f"{name}.toml").read_text().splitlines()[0].lstrip("# ")
-            print(f"{name:<16} {first}")
+            print(f"{name:<16} {first_line(CONFIG_DIR, name)}")
         return 0
     if not args.config:
         raise ConfigError("give a config: a .toml file or one of " + ", ".join(_configs())
@@ -334,13 +334,13 @@ def _cmd_run(args) -> int:
 
 def _cmd_sweep(args) -> int:
     from em_interp.errors import ConfigError
+    from em_interp.run.shipped import first_line
     from em_interp.run.sweep import SweepSpec, list_sweeps, run_sweep
     from em_interp.run.sweep.spec import SWEEP_DIR
 
     if args.list:
         for name in list_sweeps():
-            first = (SWEEP_DIR / f"{name}.toml").read_text().splitlines()[0].lstrip("# ")
-            print(f"{name:<20} {first}")
+            print(f"{name:<20} {first_line(SWEEP_DIR, name)}")
         return 0
     if not args.sweep:
         raise ConfigError("give a sweep: a .toml file or one of " + ", ".join(list_sweeps())

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from em_interp.errors import ConfigError, DataError
-from em_interp.results import Result
+from em_interp.results import Result, json_safe
 
 RUBRICS = ("aligned", "coherent")
 
@@ -64,15 +64,12 @@ class CalibrationResult(Result):
         return self.rubrics
 
     def to_dict(self) -> dict:
-        def num(x):
-            return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
-
         kept = self.answers["kept"]
         return {"judges": self.judges, "n_answers": len(self.answers),
                 "n_excluded": int((~kept).sum()),
-                "rubrics": {r.rubric: {k: num(getattr(r, k)) for k in self.rubrics.columns
+                "rubrics": {r.rubric: {k: json_safe(getattr(r, k)) for k in self.rubrics.columns
                                        if k != "rubric"} for r in self.rubrics.itertuples()},
-                "em_label": {k: num(v) for k, v in self.agreement.items()},
+                "em_label": {k: json_safe(v) for k, v in self.agreement.items()},
                 "readings": self.readings,
                 "settings": self.settings}
 

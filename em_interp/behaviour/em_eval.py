@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from em_interp.errors import ConfigError, DataError
-from em_interp.results import Result
+from em_interp.results import Result, json_safe
 
 
 @dataclass(frozen=True)
@@ -138,19 +138,16 @@ class EMEvalResult(Result):
         return self.summary
 
     def to_dict(self) -> dict:
-        def num(x):
-            return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
-
         out = {}
         for r in self.summary.itertuples():
             pq = self.per_question[self.per_question["model"] == r.model]
             out[r.model] = {
-                "em_rate": num(r.em_rate), "ci": [num(r.ci_low), num(r.ci_high)],
+                "em_rate": json_safe(r.em_rate), "ci": [json_safe(r.ci_low), json_safe(r.ci_high)],
                 "ci_method": r.ci_method,
-                "aligned_mean": num(r.aligned_mean), "coherent_mean": num(r.coherent_mean),
+                "aligned_mean": json_safe(r.aligned_mean), "coherent_mean": json_safe(r.coherent_mean),
                 "n_answers": int(r.n_answers), "n_discarded": int(r.n_discarded),
                 "n_questions": int(r.n_questions),
-                "per_question": {q.question_id: num(q.em_rate) for q in pq.itertuples()}}
+                "per_question": {q.question_id: json_safe(q.em_rate) for q in pq.itertuples()}}
         methods = {r: {str(k): int(v) for k, v in self.answers[f"{r}_method"].value_counts()
                        .items()} for r in ("aligned", "coherent")
                    if f"{r}_method" in self.answers}

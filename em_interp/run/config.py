@@ -22,12 +22,12 @@ naming the field, the valid range and the fix.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from em_interp.errors import ConfigError
+from em_interp.run.shipped import read_toml, shipped_names
 
 PAPER_STAGES = ("probing", "refusal_direction", "introspection", "patching", "dla", "asr", "sae",
                 "block_em")
@@ -367,16 +367,7 @@ class RunConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
         """Read a config file, or a shipped example by name (``demo``, ``qwen-paper``, ...)."""
-        p = Path(str(path)).expanduser()
-        if not p.is_file() and (CONFIG_DIR / f"{path}.toml").is_file():
-            p = CONFIG_DIR / f"{path}.toml"
-        if not p.is_file():
-            raise ConfigError(f"config {str(path)!r} is neither a file nor a shipped example "
-                              f"({', '.join(list_configs())}). Give the path of a .toml file.")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: not valid TOML ({e}). Fix the line it names.") from None
+        p, data = read_toml(path, CONFIG_DIR, "config")
         return cls.from_dict(data, source=str(p))
 
     def override(self, **changes) -> RunConfig:
@@ -711,7 +702,7 @@ class RunConfig:
 
 def list_configs() -> list[str]:
     """Names of the shipped example configs."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+    return shipped_names(CONFIG_DIR)
 
 
 def _check_keys(d: dict, allowed: set[str], where: str, source: str) -> None:

@@ -52,7 +52,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from typing import Any
 from em_interp.errors import ConfigError
 from em_interp.results import json_safe
 from em_interp.run.config import CONFIG_DIR, RunConfig
+from em_interp.run.shipped import read_toml, shipped_names
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 """The shipped example sweep files (``em-interp sweep --list``)."""
@@ -127,16 +127,7 @@ class SweepSpec:
     @classmethod
     def from_toml(cls, path: str | Path) -> SweepSpec:
         """Read a sweep file, or a shipped example by name (``em-interp sweep --list``)."""
-        p = Path(str(path)).expanduser()
-        if not p.is_file() and (SWEEP_DIR / f"{path}.toml").is_file():
-            p = SWEEP_DIR / f"{path}.toml"
-        if not p.is_file():
-            raise ConfigError(f"sweep {str(path)!r} is neither a file nor a shipped example "
-                              f"({', '.join(list_sweeps())}). Give the path of a .toml file.")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{p}: not valid TOML ({e}). Fix the line it names.") from None
+        p, data = read_toml(path, SWEEP_DIR, "sweep")
         return cls.from_dict(data, source=str(p), root=p.parent)
 
     @classmethod
@@ -316,7 +307,7 @@ def value_label(v: Any) -> str:
 
 def list_sweeps() -> list[str]:
     """Names of the shipped example sweep files."""
-    return sorted(p.stem for p in SWEEP_DIR.glob("*.toml"))
+    return shipped_names(SWEEP_DIR)
 
 
 def _resources(t: dict, source: str) -> Resources:
